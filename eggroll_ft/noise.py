@@ -1,0 +1,148 @@
+"""Counter-based Gaussian noise for EGGROLL (Sarkar et al. 2025, arXiv 2511.16652, Sec. 3).
+
+The noise module knows nothing of models, rewards or updates: it maps integer coordinates
+``(seed, epoch, param_id, noise_index, element)`` to standard-normal values. Nothing is stored
+between steps; every process (and every device) regenerates exactly the values it needs.
+
+* ``epoch = step // noise_reuse`` makes consecutive steps share noise when ``noise_reuse > 1``.
+* ``noise_index`` is the antithetic pair ``member // 2`` (members ``2k`` and ``2k + 1`` share
+  noise with signs ``+1`` and ``-1``), or the member itself when ``antithetic=False``.
+* Low rank: member ``i`` perturbs a weight ``W (m, n)`` by ``sigma * E_i`` with
+  ``E_i = A_i B_i^T / sqrt(r)``, ``A_i (m, r)`` and ``B_i (n, r)`` standard normal.
+* Full rank (classic OpenES): ``E_i (m, n)`` dense standard normal.
+
+The generator is a SplitMix64 hash of a 64-bit counter evaluated with int64 tensor ops, followed
+by a Box-Muller transform. It is a pure function of the coordinates, so the values for pair 7 do
+not depend on how many pairs were asked for, on which process asked, or on the batch they ran in.
+Integer ops are bit-identical on every device; the final float transform (log, cos) may differ
+in the last ulp between CPU and GPU math libraries.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(x: int) -> int:
+    """Python int in [0, 2^64) -> the int64 with the same bits."""
+    x &= _MASK64
+    return x - (1 << 64) if x >= (1 << 63) else x
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MIX1 = _signed(0xBF58476D1CE4E5B9)
+_MIX2 = _signed(0x94D049BB133111EB)
+
+
+def _srl(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 tensors (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 finaliser on int64 tensors (wrapping arithmetic)."""
+    x = x + _GOLDEN
+    x = (x ^ _srl(x, 30)) * _MIX1
+    x = (x ^ _srl(x, 27)) * _MIX2
+    return x ^ _srl(x, 31)
+
+
+def stream_key(*coords: int | str) -> int:
+    """A 63-bit key for one noise stream, from any tuple of ints and strings.
+
+    >>> stream_key(0, 1, "model.layers.0.mlp.up_proj.weight") == stream_key(0, 1, "model.layers.0.mlp.up_proj.weight")
+    True
+    """
+    text = "\x1f".join(str(c) for c in coords).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
+def normal_from_counter(key: int, counter: torch.Tensor) -> torch.Tensor:
+    """Standard normals, one per int64 ``counter`` entry, for the stream ``key``. float32."""
+    h = _splitmix64(counter ^ key)
+    h = _splitmix64(h)
+    # two 24-bit uniforms from one 64-bit hash: u1 in (0, 1], u2 in [0, 1)
+    u1 = (_srl(h, 40).to(torch.float64) + 1.0) * (1.0 / (1 << 24))
+    u2 = ((h >> 8) & 0xFFFFFF).to(torch.float64) * (1.0 / (1 << 24))
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+    return z.to(torch.float32)
+
+
+def noise_block(key: int, indices: torch.Tensor, size: int, device=None) -> torch.Tensor:
+    """Rows of i.i.d. normals: row ``j`` is the ``size`` values of noise index ``indices[j]``.
+
+    Row contents depend only on ``(key, indices[j])``. Returns float32 ``(len(indices), size)``.
+    """
+    device = indices.device if device is None else device
+    idx = indices.to(device=device, dtype=torch.int64)
+    counter = idx[:, None] * size + torch.arange(size, device=device, dtype=torch.int64)[None, :]
+    return normal_from_counter(key, counter)
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """Everything that fixes the noise of a run. Hashable, so factor caches can key on it."""
+
+    seed: int = 0
+    rank: int = 1
+    antithetic: bool = True
+    noise_reuse: int = 1
+    full_rank: bool = False
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"rank={self.rank} must be >= 1")
+        if self.noise_reuse < 1:
+            raise ValueError(f"noise_reuse={self.noise_reuse} must be >= 1")
+
+    def epoch(self, step: int) -> int:
+        """Steps ``k*noise_reuse ... (k+1)*noise_reuse - 1`` share noise epoch ``k``."""
+        return step // self.noise_reuse
+
+    def noise_index(self, members: torch.Tensor) -> torch.Tensor:
+        """Which noise draw each member uses (its antithetic pair, or itself)."""
+        return members // 2 if self.antithetic else members
+
+    def sign(self, members: torch.Tensor) -> torch.Tensor:
+        """+1 for even members, -1 for odd ones when antithetic; +1 everywhere otherwise."""
+        if not self.antithetic:
+            return torch.ones_like(members, dtype=torch.float32)
+        return 1.0 - 2.0 * (members % 2).to(torch.float32)
+
+    def num_noise(self, population_size: int) -> int:
+        return population_size // 2 if self.antithetic else population_size
+
+    def key(self, step: int, param_id: str) -> int:
+        return stream_key(self.seed, self.epoch(step), param_id)
+
+    def low_rank_factors(self, step: int, param_id: str, shape: tuple[int, int],
+                         indices: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A (K, m, r)`` and ``B (K, n, r)`` for the noise indices asked for (float32)."""
+        m, n = shape
+        r = self.rank
+        z = noise_block(self.key(step, param_id), indices, (m + n) * r, device)  # (K, (m+n) r)
+        z = z.view(-1, m + n, r)
+        return z[:, :m], z[:, m:]
+
+    def dense(self, step: int, param_id: str, shape: tuple[int, int], indices: torch.Tensor,
+              device=None) -> torch.Tensor:
+        """Full-rank ``E (K, m, n)`` for the noise indices asked for (float32)."""
+        m, n = shape
+        z = noise_block(self.key(step, param_id), indices, m * n, device)
+        return z.view(-1, m, n)
+
+    def perturbation(self, step: int, param_id: str, shape: tuple[int, int], member: int) -> torch.Tensor:
+        """The materialised ``s_i * E_i (m, n)`` of one member: for tests and naive baselines."""
+        members = torch.tensor([member])
+        idx, sgn = self.noise_index(members), self.sign(members)
+        if self.full_rank:
+            e = self.dense(step, param_id, shape, idx)[0]
+        else:
+            a, b = self.low_rank_factors(step, param_id, shape, idx)
+            e = a[0] @ b[0].T / math.sqrt(self.rank)
+        return sgn[0] * e

@@ -1,0 +1,241 @@
+"""Population layers: every row of a batch runs its own member's low-rank perturbed weights.
+
+EGGROLL (Sarkar et al. 2025, arXiv 2511.16652, Sec. 3): for a perturbed linear layer with
+weight ``W (m, n)`` and a batch whose row ``b`` belongs to member ``i(b)``,
+
+    y_b = x_b W^T + bias + (sigma / sqrt(r)) * s_i * (x_b B_i) A_i^T
+
+computed for all rows in one batched call (no loop over members, no ``W + E_i`` materialised).
+Full-rank mode (OpenES) adds ``sigma * s_i * x_b E_i^T`` instead.
+
+This module knows nothing of rewards, generation or the update. It attaches forward hooks to the
+``nn.Linear`` (and GPT-2 ``Conv1D``) modules chosen by name, so an unmodified model keeps its
+weights, its ``state_dict`` keys and its ``generate``; the hooks add the per-row delta while a
+``Population.members(...)`` block is active and do nothing outside it. Native models (RWKV-7, the
+RL policy) use plain ``nn.Linear`` modules and go through exactly the same path.
+"""
+from __future__ import annotations
+
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .noise import NoiseConfig
+
+try:  # GPT-2 style models use a transposed linear layer
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # transformers is a core dependency; keep the layer importable without it
+    Conv1D = ()
+
+UNPERTURBED = -1  # member id of a row that runs the mean weights
+
+
+@dataclass
+class PerturbedParam:
+    """One perturbed weight matrix. ``shape`` is ``(m, n) = (out, in)`` whatever the storage."""
+
+    name: str  # parameter name in the model, also the noise stream id
+    module: nn.Module
+    shape: tuple[int, int]
+    transposed: bool  # True for Conv1D, whose weight is stored (in, out)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.module.weight
+
+    def as_param_layout(self, mat: torch.Tensor) -> torch.Tensor:
+        """An ``(m, n)`` matrix in the layout of the stored weight."""
+        return mat.T if self.transposed else mat
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (Conv1D != () and isinstance(module, Conv1D))
+
+
+def _matches(name: str, patterns) -> bool:
+    """PEFT's convention: a string is a full-match regex; a list matches names or name suffixes."""
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def select_linear_modules(model: nn.Module, perturb_modules=None, exclude_modules=None) -> dict[str, nn.Module]:
+    """The linear modules to perturb, by name.
+
+    Default (``perturb_modules=None``): every ``nn.Linear``/``Conv1D`` except the model's input
+    embedding and output head (``get_output_embeddings()``), as in the EGGROLL reference code.
+    """
+    skip = set()
+    for getter in ("get_output_embeddings", "get_input_embeddings"):
+        fn = getattr(model, getter, None)
+        mod = fn() if callable(fn) else None
+        if mod is not None:
+            skip.add(id(mod))
+    chosen = {}
+    for name, module in model.named_modules():
+        if not _is_linear(module) or getattr(module, "weight", None) is None:
+            continue
+        if perturb_modules is None:
+            if id(module) in skip:
+                continue
+        elif not _matches(name, perturb_modules):
+            continue
+        if _matches(name, exclude_modules):
+            continue
+        chosen[name] = module
+    return chosen
+
+
+class Population:
+    """Hooks a model so that each batch row can run a different population member.
+
+    >>> pop = Population(model, NoiseConfig(seed=0, rank=1), population_size=8, sigma=0.01)  # doctest: +SKIP
+    >>> pop.set_step(3)                                                                         # doctest: +SKIP
+    >>> with pop.members(torch.tensor([0, 1, 5, -1])):   # one member id per batch row     # doctest: +SKIP
+    ...     logits = model(input_ids).logits            # (4, T, V)
+    """
+
+    def __init__(self, model: nn.Module, noise: NoiseConfig, population_size: int, sigma: float,
+                 perturb_modules=None, exclude_modules=None):
+        if noise.antithetic and population_size % 2:
+            raise ValueError(f"population_size={population_size} must be even when antithetic=True")
+        if population_size < 1:
+            raise ValueError(f"population_size={population_size} must be >= 1")
+        self.model = model
+        self.noise = noise
+        self.population_size = population_size
+        self.sigma = float(sigma)
+        self.step = 0
+        self.params: dict[str, PerturbedParam] = {}
+        self._row_members: torch.Tensor | None = None
+        self._cache: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._handles = []
+        modules = select_linear_modules(model, perturb_modules, exclude_modules)
+        if not modules:
+            raise ValueError(f"perturb_modules={perturb_modules!r} matched no linear module of {type(model).__name__}")
+        for mod_name, module in modules.items():
+            transposed = not isinstance(module, nn.Linear)
+            w = module.weight
+            shape = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
+            pname = f"{mod_name}.weight" if mod_name else "weight"
+            p = PerturbedParam(pname, module, shape, transposed)
+            self.params[pname] = p
+            self._handles.append(module.register_forward_hook(self._make_hook(p)))
+
+    # ---- state -------------------------------------------------------------------------------
+    def set_step(self, step: int, sigma: float | None = None) -> None:
+        """Move to ES step ``step`` (new noise unless ``noise_reuse`` shares it) and ``sigma``."""
+        if self.noise.epoch(step) != self.noise.epoch(self.step):
+            self._cache.clear()
+        self.step = int(step)
+        if sigma is not None:
+            if sigma <= 0:
+                raise ValueError(f"sigma={sigma} must be > 0")
+            self.sigma = float(sigma)
+
+    @contextmanager
+    def members(self, member_ids: torch.Tensor):
+        """Within the block, batch row ``b`` of every forward runs member ``member_ids[b]``.
+
+        ``-1`` (``UNPERTURBED``) runs the mean weights. Nested blocks restore the outer one.
+        """
+        ids = torch.as_tensor(member_ids, dtype=torch.long).flatten()
+        if ids.numel() and (int(ids.max()) >= self.population_size or int(ids.min()) < UNPERTURBED):
+            raise ValueError(f"member ids must lie in [-1, {self.population_size}), got "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        previous, self._row_members = self._row_members, ids
+        try:
+            yield self
+        finally:
+            self._row_members = previous
+
+    def remove(self) -> None:
+        """Detach every hook: the model is back to a plain model."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._cache.clear()
+
+    # ---- noise -------------------------------------------------------------------------------
+    def factors(self, name: str) -> tuple[torch.Tensor, ...]:
+        """This step's noise of every noise index for one weight, generated once and cached.
+
+        Low rank: ``(A (K, m, r), B (K, n, r))``; full rank: ``(E (K, m, n),)``; float32, on the
+        weight's device. ``K`` is ``population_size // 2`` with antithetic pairs.
+        """
+        cached = self._cache.get(name)
+        if cached is not None:
+            return cached
+        p = self.params[name]
+        device = p.weight.device
+        idx = torch.arange(self.noise.num_noise(self.population_size), device=device)
+        if self.noise.full_rank:
+            out = (self.noise.dense(self.step, name, p.shape, idx, device),)
+        else:
+            out = self.noise.low_rank_factors(self.step, name, p.shape, idx, device)
+        self._cache[name] = out
+        return out
+
+    def delta(self, name: str, x: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        """Per-row perturbation term of weight ``name`` for input ``x (B, ..., n)`` -> ``(B, ..., m)``."""
+        p = self.params[name]
+        m, n = p.shape
+        B = x.shape[0]
+        members = members.to(x.device)
+        valid = members >= 0
+        safe = members.clamp(min=0)
+        idx = self.noise.noise_index(safe)
+        scale = self.noise.sign(safe).to(x.device) * valid.to(torch.float32) * self.sigma  # (B,)
+        x3 = x.reshape(B, -1, n)  # (B, T, n)
+        if self.noise.full_rank:
+            (E,) = self.factors(name)
+            d = torch.bmm(x3, E[idx].to(x.dtype).transpose(1, 2))  # (B, T, m)
+        else:
+            A, Bf = self.factors(name)
+            scale = scale / math.sqrt(self.noise.rank)
+            xb = torch.bmm(x3, Bf[idx].to(x.dtype))  # (B, T, r)
+            d = torch.bmm(xb, A[idx].to(x.dtype).transpose(1, 2))  # (B, T, m)
+        d = d * scale.to(x.dtype)[:, None, None]
+        return d.reshape(*x.shape[:-1], m)
+
+    def _make_hook(self, p: PerturbedParam):
+        def hook(module, args, output):
+            members = self._row_members
+            if members is None:
+                return None
+            x = args[0]
+            if x.shape[0] != members.numel():
+                raise RuntimeError(f"{p.name}: batch has {x.shape[0]} rows but {members.numel()} member ids "
+                                   "were given; give one member id per batch row")
+            return output + self.delta(p.name, x, members)
+        return hook
+
+    # ---- helpers for tests and naive baselines ------------------------------------------------
+    def perturbation(self, name: str, member: int) -> torch.Tensor:
+        """``sigma * s_i * E_i`` of one member in the stored weight's layout (materialised)."""
+        p = self.params[name]
+        e = self.noise.perturbation(self.step, name, p.shape, member)
+        return p.as_param_layout(self.sigma * e).to(p.weight.device, p.weight.dtype)
+
+    @contextmanager
+    def materialized(self, member: int):
+        """Temporarily set every perturbed weight to ``W + sigma * E_member`` (naive ES)."""
+        saved = {n: p.weight.detach().clone() for n, p in self.params.items()}
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.weight.add_(self.perturbation(n, member))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.weight.copy_(saved[n])
+
+    def num_perturbed_parameters(self) -> int:
+        return sum(p.shape[0] * p.shape[1] for p in self.params.values())
