@@ -1,0 +1,153 @@
+"""EggrollConfig: the training arguments of an ES run, a drop-in for TRL's ``GRPOConfig``.
+
+It extends ``transformers.TrainingArguments`` (so ``output_dir``, ``max_steps``, ``seed``,
+``report_to``, ``logging_steps``, ``save_steps``, ``optim``, ``lr_scheduler_type`` ... work as
+users know them) and reuses GRPOConfig's names where the meaning is the same
+(``max_completion_length``, ``temperature``, ``top_p``, ``top_k``, ``reward_weights``,
+``log_completions`` ...). GRPO-only fields are accepted so that a GRPO script runs unchanged,
+and are listed in ``GRPO_ONLY_FIELDS``: they have no meaning for ES and a warning says so.
+
+Every field is validated at construction; errors name the field and its value.
+
+Update convention (README, "Mapping onto the paper"): with shaped fitness ``f`` and unit-variance
+noise ``E_i``, the ES direction is ``g = 1/(N sigma) sum_i f_i E_i`` and plain SGD does
+``W += learning_rate * g``. A paper or code base that writes ``W += alpha/N sum_i f_i E_i``
+(no ``1/sigma``) corresponds to ``learning_rate = alpha * sigma``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from .shaping import SHAPINGS
+
+SIGMA_SCHEDULES = ("constant", "exponential", "linear")
+GENERATION_BACKENDS = ("engine", "hf")
+
+# GRPOConfig fields accepted for drop-in compatibility; ES has no use for them.
+GRPO_ONLY_FIELDS = {
+    "num_generations": None, "num_generations_eval": None, "beta": 0.0, "num_iterations": 1,
+    "epsilon": 0.2, "epsilon_high": None, "loss_type": "dapo", "scale_rewards": "group",
+    "mask_truncated_completions": False, "steps_per_generation": None, "generation_batch_size": None,
+    "importance_sampling_level": "token", "disable_dropout": False, "top_entropy_quantile": 1.0,
+    "use_liger_kernel": False,
+}
+
+
+def _help(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class EggrollConfig(TrainingArguments):
+    """Configuration of ``EggrollTrainer``. Every field has a one-line help (``--help`` prints it)."""
+
+    # ---- ES: population and noise --------------------------------------------------------
+    population_size: int = _help("Number of population members N evaluated per ES step (even when antithetic).", default=32)
+    sigma: float = _help("Noise scale: member i runs W + sigma * E_i.", default=1e-3)
+    rank: int = _help("Rank r of each low-rank perturbation E_i = A_i B_i^T / sqrt(r).", default=1)
+    antithetic: bool = _help("Members 2k and 2k+1 share noise with opposite signs (mirrored sampling).", default=True)
+    noise_reuse: int = _help("Reuse the same noise for this many consecutive steps.", default=1)
+    full_rank: bool = _help("Classic OpenES: dense Gaussian E_i instead of low rank (for comparison; slow).", default=False)
+    fitness_shaping: str = _help(f"How rewards become fitness: one of {SHAPINGS}.", default="group_norm")
+    prompts_per_step: int = _help("How many prompts every member answers per ES step.", default=4)
+    sigma_schedule: str = _help(f"Sigma over training: one of {SIGMA_SCHEDULES}.", default="constant")
+    sigma_decay: float = _help("Per-step factor of the 'exponential' sigma schedule.", default=0.999)
+    sigma_final: float | None = _help("Sigma reached at max_steps by the 'linear' schedule (default sigma/10).", default=None)
+    perturb_modules: Any = _help("Module names/suffixes (list) or a full-match regex (str) of the linear layers to "
+                                 "perturb; default: every linear layer but the embedding and the LM head.", default=None)
+    exclude_modules: Any = _help("Module names/suffixes (list) or regex (str) never perturbed.", default=None)
+    # ---- generation ----------------------------------------------------------------------
+    generation_backend: str = _help(f"Generation backend: one of {GENERATION_BACKENDS}.", default="engine")
+    max_sequences_in_flight: int | None = _help("Most sequences generated at once (memory bound); default all jobs of the step.", default=None)
+    greedy: bool = _help("Greedy decoding (the paper's Countdown setting); otherwise sample.", default=False)
+    stop_strings: list[str] | None = _help("Strings that end a completion (kept in the text).", default=None)
+    # ---- GRPOConfig fields with the same meaning -----------------------------------------
+    max_prompt_length: int | None = _help("Prompts are truncated on the left to this many tokens.", default=512)
+    max_completion_length: int = _help("Most tokens generated per completion.", default=256)
+    temperature: float = _help("Sampling temperature.", default=1.0)
+    top_p: float = _help("Nucleus sampling: keep the smallest token set of this probability.", default=1.0)
+    top_k: int = _help("Keep the k most likely tokens (0 = all).", default=0)
+    reward_weights: list[float] | None = _help("Weight of each reward function (default all 1).", default=None)
+    model_init_kwargs: dict | None = _help("Keyword arguments of from_pretrained when `model` is a string.", default=None)
+    chat_template_kwargs: dict | None = _help("Extra keyword arguments of apply_chat_template.", default=None)
+    log_completions: bool = _help("Write a completions table (parquet in output_dir, wandb table) each logging step.", default=False)
+    num_completions_to_print: int | None = _help("Completions printed per logging step when log_completions.", default=None)
+    use_vllm: bool = _help("Not supported: ES generates with its own population engine.", default=False)
+    es_debug_checksum: bool = _help("Log a checksum of the perturbed weights each logging step (cross-rank check).", default=False)
+    # ---- GRPO-only fields: accepted, unused ----------------------------------------------
+    num_generations: int | None = _help("GRPO only (group size); ES uses population_size.", default=None)
+    num_generations_eval: int | None = _help("GRPO only; unused.", default=None)
+    beta: float = _help("GRPO only (KL coefficient); unused.", default=0.0)
+    num_iterations: int = _help("GRPO only; unused.", default=1)
+    epsilon: float = _help("GRPO only; unused.", default=0.2)
+    epsilon_high: float | None = _help("GRPO only; unused.", default=None)
+    loss_type: str = _help("GRPO only; unused.", default="dapo")
+    scale_rewards: str = _help("GRPO only; use fitness_shaping.", default="group")
+    mask_truncated_completions: bool = _help("GRPO only; unused.", default=False)
+    steps_per_generation: int | None = _help("GRPO only; unused.", default=None)
+    generation_batch_size: int | None = _help("GRPO only; see max_sequences_in_flight.", default=None)
+    importance_sampling_level: str = _help("GRPO only; unused.", default="token")
+    disable_dropout: bool = _help("GRPO only; ES always runs the model in eval mode.", default=False)
+    top_entropy_quantile: float = _help("GRPO only; unused.", default=1.0)
+    # ---- TrainingArguments defaults changed for ES ---------------------------------------
+    learning_rate: float = _help("Step size of the ES update W += lr * g (see README for the paper mapping).", default=1e-6)
+    optim: str = _help("Optimizer: 'sgd' (the paper's update, applied in place) or any TrainingArguments optim.", default="sgd")
+    lr_scheduler_type: str = _help("Learning-rate schedule (transformers names).", default="constant")
+    max_grad_norm: float = _help("Clip the ES direction's norm (0 = never, the default).", default=0.0)
+    weight_decay: float = _help("Weight decay of the optimizer.", default=0.0)
+    logging_steps: float = _help("Log every this many ES steps.", default=1)
+    remove_unused_columns: bool = _help("Keep every dataset column: reward functions receive them.", default=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._validate_es()
+
+    def _validate_es(self):
+        def need(cond, name, rule):
+            if not cond:
+                raise ValueError(f"{name}={getattr(self, name)!r} {rule}")
+
+        need(isinstance(self.population_size, int) and self.population_size >= 2, "population_size", "must be an int >= 2")
+        need(not (self.antithetic and self.population_size % 2), "population_size", "must be even when antithetic=True")
+        need(math.isfinite(self.sigma) and self.sigma > 0, "sigma", "must be a finite number > 0")
+        need(isinstance(self.rank, int) and self.rank >= 1, "rank", "must be an int >= 1")
+        need(isinstance(self.noise_reuse, int) and self.noise_reuse >= 1, "noise_reuse", "must be an int >= 1")
+        need(self.fitness_shaping in SHAPINGS, "fitness_shaping", f"must be one of {SHAPINGS}")
+        need(isinstance(self.prompts_per_step, int) and self.prompts_per_step >= 1, "prompts_per_step", "must be an int >= 1")
+        need(self.sigma_schedule in SIGMA_SCHEDULES, "sigma_schedule", f"must be one of {SIGMA_SCHEDULES}")
+        need(0 < self.sigma_decay <= 1, "sigma_decay", "must lie in (0, 1]")
+        need(self.sigma_final is None or self.sigma_final > 0, "sigma_final", "must be > 0")
+        need(self.generation_backend in GENERATION_BACKENDS, "generation_backend", f"must be one of {GENERATION_BACKENDS}")
+        need(self.max_sequences_in_flight is None or self.max_sequences_in_flight >= 1, "max_sequences_in_flight", "must be >= 1")
+        need(self.max_completion_length is not None and self.max_completion_length >= 1, "max_completion_length", "must be >= 1")
+        need(self.max_prompt_length is None or self.max_prompt_length >= 1, "max_prompt_length", "must be >= 1")
+        need(self.temperature > 0, "temperature", "must be > 0 (use greedy=True for greedy decoding)")
+        need(0 < self.top_p <= 1, "top_p", "must lie in (0, 1]")
+        need(self.top_k >= 0, "top_k", "must be >= 0")
+        need(self.learning_rate >= 0, "learning_rate", "must be >= 0")
+        need(self.reward_weights is None or all(math.isfinite(w) for w in self.reward_weights), "reward_weights", "must be finite numbers")
+        need(not self.use_vllm, "use_vllm", "is not supported: EggrollTrainer generates with its population engine")
+        need(self.stop_strings is None or all(isinstance(s, str) and s for s in self.stop_strings), "stop_strings", "must be non-empty strings")
+        if self.gradient_accumulation_steps != 1:
+            warnings.warn(f"gradient_accumulation_steps={self.gradient_accumulation_steps} has no meaning for ES "
+                          "(one update per population evaluation); using 1", stacklevel=3)
+            self.gradient_accumulation_steps = 1
+        ignored = [k for k, default in GRPO_ONLY_FIELDS.items() if getattr(self, k, default) != default]
+        if ignored:
+            warnings.warn(f"GRPO-only fields have no effect on EggrollTrainer: {ignored}", stacklevel=3)
+
+    def sigma_at(self, step: int) -> float:
+        """Sigma of ES step ``step`` under the configured schedule."""
+        if self.sigma_schedule == "exponential":
+            return self.sigma * self.sigma_decay ** step
+        if self.sigma_schedule == "linear":
+            final = self.sigma / 10 if self.sigma_final is None else self.sigma_final
+            total = max(self.max_steps, 1) if self.max_steps and self.max_steps > 0 else 1
+            frac = min(step / total, 1.0)
+            return self.sigma + (final - self.sigma) * frac
+        return self.sigma
