@@ -1,0 +1,293 @@
+"""GSM8K: grade-school math word problems (Cobbe et al. 2021), prompts and an answer reward.
+
+The second LLM task of the EGGROLL paper (Sarkar et al., arXiv 2511.16652). Reference
+solutions end in ``#### N``; the reward is 1.0 when the model's final answer equals N.
+
+This module knows nothing of models or of the trainer. Answer comparison has two paths:
+
+1. Fast path (covers nearly every completion): a linear-time regex finds the final answer
+   (after ``####``, else in the last ``\\boxed{}``, else after "the answer is", else the last
+   number), normalises commas, ``$``, units, signs, decimals, ``a/b`` and ``\\frac{a}{b}``, and
+   compares it with the reference as an exact ``Fraction``.
+2. Fallback, only when the boxed answer is LaTeX the fast path cannot read (``\\sqrt{324}``,
+   ``2 \\times 9``): ``math-verify`` (the verifier behind TRL's accuracy reward) with a 1 s
+   timeout, and only when the input is short and free of exponents/factorials (sympy can hang
+   on ``9^{9^{9^9}}``) and we are in the main thread (math-verify times out with
+   ``signal.alarm``, which works only there; elsewhere the fallback is skipped and scores 0).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import threading
+from fractions import Fraction
+
+from rewards._text import completion_text
+
+TEMPLATES = {
+    # lm-evaluation-harness style zero-shot prompt for base models.
+    "plain": "Question: {question}\nAnswer:",
+    # The EGGROLL RWKV chat format: the completion continues right after "<think".
+    "rwkv": "User: {question}\n\nAssistant: <think",
+    # Conversational (chat models): a list of messages; TRL applies the chat template.
+    "chat": [
+        {
+            "role": "user",
+            "content": "{question}\nPlease reason step by step, and put your final answer "
+            "within \\boxed{{}}.",
+        }
+    ],
+}
+
+
+def format_prompt(question: str, template: str = "plain") -> str | list[dict]:
+    """The prompt for one question: a string, or a list of messages for ``template="chat"``.
+
+    >>> format_prompt("What is 2 + 3?", "rwkv")
+    'User: What is 2 + 3?\\n\\nAssistant: <think'
+    >>> format_prompt("What is 2 + 3?", "chat")[0]["content"].endswith("within \\\\boxed{}.")
+    True
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"template={template!r} is not one of {sorted(TEMPLATES)}")
+    tpl = TEMPLATES[template]
+    if isinstance(tpl, str):
+        return tpl.format(question=question)
+    return [{"role": m["role"], "content": m["content"].format(question=question)} for m in tpl]
+
+
+def load_gsm8k(split: str = "train", path: str | None = None, template: str = "plain", n: int | None = None):
+    """GSM8K as a ``datasets.Dataset`` with columns prompt, question, answer.
+
+    ``path=None`` loads the hub dataset ``openai/gsm8k`` (config ``main``); otherwise ``path`` is
+    a jsonl file with fields question/answer, or a directory holding ``{split}.jsonl``.
+    ``n`` keeps the first ``n`` rows.
+    """
+    import datasets
+
+    if template not in TEMPLATES:
+        raise ValueError(f"template={template!r} is not one of {sorted(TEMPLATES)}")
+    if n is not None and (not isinstance(n, int) or n < 0):
+        raise ValueError(f"n={n!r} must be None or an int >= 0")
+    if path is None:
+        ds = datasets.load_dataset("openai/gsm8k", "main", split=split)
+    else:
+        file = os.path.join(path, f"{split}.jsonl") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise ValueError(f"path={path!r}: no such file {file!r} (give a .jsonl file or a directory with {split}.jsonl)")
+        ds = datasets.load_dataset("json", data_files=file, split="train")
+    missing = {"question", "answer"} - set(ds.column_names)
+    if missing:
+        raise ValueError(f"GSM8K data at path={path!r} lacks columns {sorted(missing)}; has {ds.column_names}")
+    if n is not None:
+        ds = ds.select(range(min(n, len(ds))))
+    ds = ds.select_columns(["question", "answer"])
+    prompts = [format_prompt(q, template) for q in ds["question"]]
+    ds = ds.add_column("prompt", prompts)
+    return ds.select_columns(["prompt", "question", "answer"])
+
+
+# ---- final-answer extraction ----------------------------------------------------------------
+
+MAX_CHARS = 20_000  # only the tail is searched: the final answer sits at the end
+_MAX_NUMBER_CHARS = 64
+
+_NUMBER = re.compile(
+    r"(?<![\w.])(?P<sign>[-\u2212]\s?)?\$?\s?"
+    r"(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
+    r"(?:/(?P<den>\d+)(?![\d.]))?"
+)
+_ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)", re.IGNORECASE)
+_FRAC = re.compile(r"(?P<sign>-?)\s*\\[dt]?frac\s*\{\s*(?P<num>\d+)\s*\}\s*\{\s*(?P<den>\d+)\s*\}")
+_UNIT_GROUP = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{[^{}]*\}")
+_LATEX_NOISE = re.compile(r"\\[$%,!; ]|[$%~]|\\left|\\right")
+
+
+def _normalize(match: re.Match) -> str:
+    sign = "-" if match.group("sign") else ""
+    den = match.group("den")
+    return sign + match.group("num").replace(",", "") + (f"/{den}" if den else "")
+
+
+def _first_number(text: str) -> str | None:
+    match = _NUMBER.search(text)
+    return None if match is None else _normalize(match)
+
+
+def _last_number(text: str) -> str | None:
+    last = None
+    for last in _NUMBER.finditer(text):
+        pass
+    return None if last is None else _normalize(last)
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` with balanced braces, or None."""
+    start = text.rfind("\\boxed")
+    if start < 0:
+        return None
+    i = start + len("\\boxed")
+    while i < len(text) and text[i] == " ":
+        i += 1
+    if i >= len(text) or text[i] != "{":
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1:j]
+    return None
+
+
+def _boxed_value(content: str) -> str | None:
+    """A number string when the boxed content is one number (or \\frac), else cleaned LaTeX."""
+    cleaned = _LATEX_NOISE.sub(" ", _UNIT_GROUP.sub(" ", content.replace("{,}", ","))).strip()
+    if not cleaned:
+        return None
+    frac = _FRAC.fullmatch(cleaned)
+    if frac:
+        return _normalize(frac)
+    numbers = list(_NUMBER.finditer(cleaned))
+    if len(numbers) == 1 and not re.search(r"[\\^=*+{}()]", cleaned):
+        return _normalize(numbers[0])  # one number with words around it: "18 dollars"
+    return cleaned
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The model's final answer as a normalised string, or None when there is none.
+
+    Only the text after the last ``</think>`` counts, when there is one. Then the first
+    number after the last ``####``; else the content of the last ``\\boxed{}``; else the first
+    number after the last "answer is" / "answer:"; else the last number. Numbers lose ``$``,
+    thousands commas and units; ``a/b`` and ``\\frac{a}{b}`` become ``"a/b"``. A boxed answer the
+    fast path cannot read is returned as its LaTeX (for the math-verify fallback).
+
+    >>> extract_final_answer("9 * 2 = 18\\n#### 18")
+    '18'
+    >>> extract_final_answer("So she makes $1,250.50 a week. The answer is $1,250.50.")
+    '1250.50'
+    >>> extract_final_answer("<think>maybe 7</think> The total is \\\\boxed{\\\\frac{3}{4}}")
+    '3/4'
+    >>> extract_final_answer("She lost 5 and has -3 left.")
+    '-3'
+    >>> extract_final_answer("no digits here") is None
+    True
+    """
+    if not isinstance(text, str):
+        return None
+    text = text[-MAX_CHARS:]
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    if "####" in text:
+        return _first_number(text.rsplit("####", 1)[1])
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return _boxed_value(boxed)
+    last = None
+    for last in _ANSWER_IS.finditer(text):
+        pass
+    if last is not None:
+        number = _first_number(text[last.end():])
+        if number is not None:
+            return number
+    return _last_number(text)
+
+
+_VALUE = re.compile(r"-?(?:\d+(?:\.\d+)?|\.\d+)(?:/\d+)?")
+
+
+def _to_fraction(s: str) -> Fraction | None:
+    """Exact value of a normalised number string; None if it is not one (or is too long)."""
+    if len(s) > _MAX_NUMBER_CHARS or not _VALUE.fullmatch(s):
+        return None
+    num, _, den = s.partition("/")
+    if den and int(den) == 0:
+        return None
+    return Fraction(num) / (int(den) if den else 1)
+
+
+def reference_answer(answer: str) -> str:
+    """The number after the last ``####`` of a GSM8K reference solution, commas removed.
+
+    Without ``####`` (a bare number, or a solution in words) the final answer is extracted as
+    for model output. Raises ValueError when there is no number.
+
+    >>> reference_answer("He sprints 3*3=<<3*3=9>>9 times\\n#### 1,080")
+    '1080'
+    >>> reference_answer("-4")
+    '-4'
+    """
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not isinstance(answer, str):
+        raise ValueError(f"answer={answer!r} must be a string")
+    if "####" in answer:
+        number = _first_number(answer.rsplit("####", 1)[1])
+    else:
+        number = extract_final_answer(answer)
+    if number is None or _to_fraction(number) is None:
+        raise ValueError(f"answer={answer[-80:]!r} has no final number (expected '#### N')")
+    return number
+
+
+@functools.lru_cache(maxsize=65536)
+def _reference_value(answer: str) -> Fraction:
+    return _to_fraction(reference_answer(answer))
+
+
+# ---- math-verify fallback ----------------------------------------------------------------
+
+_LATEX_COMMANDS = re.compile(r"\\(?:[dt]?frac|sqrt|cdot|times|div)(?![a-zA-Z])")
+_LATEX_ALLOWED = re.compile(r"[0-9\s{}()\[\].,+\-*/]*")
+_LONG_DIGITS = re.compile(r"\d{13}")
+
+
+def _math_verify_equal(reference: Fraction, latex: str) -> bool:
+    """math-verify's verdict on a short, exponent-free LaTeX answer; False when not safe to ask."""
+    if len(latex) > 64 or threading.current_thread() is not threading.main_thread():
+        return False
+    body = _LATEX_COMMANDS.sub(" ", latex)
+    if not _LATEX_ALLOWED.fullmatch(body) or _LONG_DIGITS.search(body) or not re.search(r"\d", body):
+        return False
+    try:
+        import sympy
+        from math_verify import LatexExtractionConfig, parse, verify
+
+        pred = parse("$" + latex + "$", extraction_config=[LatexExtractionConfig()], parsing_timeout=1)
+        gold = [sympy.Rational(reference.numerator, reference.denominator)]
+        return bool(pred) and bool(verify(gold, pred, timeout_seconds=1))
+    except Exception:  # ImportError, timeouts, sympy errors: not verified
+        return False
+
+
+def gsm8k_reward(completions, answer, **kwargs) -> list[float]:
+    """1.0 when the completion's final answer equals the number after ``####`` in ``answer``.
+
+    ``answer`` is the dataset column (the reference solution, one per completion). The
+    comparison is numeric and exact: ``18``, ``18.0``, ``$18``, ``18 dollars``, ``36/2`` and
+    ``\\boxed{\\frac{36}{2}}`` all equal 18. See :func:`extract_final_answer` for where the
+    answer is looked for.
+
+    >>> gsm8k_reward(["3 + 4 = 7 apples, so\\n#### 7", "The answer is 7.", "<think>7</think>8",
+    ...               [{"role": "assistant", "content": "\\\\boxed{7}"}]], answer=["... #### 7"] * 4)
+    [1.0, 1.0, 0.0, 1.0]
+    """
+    if len(completions) != len(answer):
+        raise ValueError(f"len(completions)={len(completions)} != len(answer)={len(answer)}")
+    rewards = []
+    for completion, ref in zip(completions, answer):
+        reference = _reference_value(ref if isinstance(ref, str) else str(ref))
+        pred = extract_final_answer(completion_text(completion))
+        if pred is None:
+            rewards.append(0.0)
+            continue
+        value = _to_fraction(pred)
+        if value is not None:
+            rewards.append(1.0 if value == reference else 0.0)
+        else:
+            rewards.append(1.0 if _math_verify_equal(reference, pred) else 0.0)
+    return rewards
