@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 from collections import Counter
 from fractions import Fraction
 
@@ -248,12 +247,23 @@ def load_countdown(
 
 # ---- rewards ------------------------------------------------------------------------------
 
-_NO_TAG = r"(?:(?!</?think>|</?answer>).)*"  # text holding none of the four tags
-_FORMAT = re.compile(
-    r"\A(?:(?:\s*<think>|>)?" + _NO_TAG + r"</think>)?"  # optional think block
-    r"\s*<answer>(" + _NO_TAG + r")</answer>\s*\Z",
-    re.DOTALL,
-)
+def _well_formed(text: str) -> bool:
+    """The shape checked by countdown_format_reward, with C-speed string methods (no regex)."""
+    counts = {tag: text.count(tag) for tag in ("<think>", "</think>", "<answer>", "</answer>")}
+    if counts["<answer>"] != 1 or counts["</answer>"] != 1 or counts["<think>"] > counts["</think>"] or counts["</think>"] > 1:
+        return False
+    body = text.strip()
+    if not body.endswith("</answer>"):
+        return False
+    start = body.find("<answer>")
+    if not body[start + len("<answer>"):-len("</answer>")].strip():
+        return False  # blank answer
+    head = body[:start].rstrip()  # everything before <answer>: empty, or the think block
+    if counts["</think>"] == 0:
+        return head == ""
+    if not head.endswith("</think>"):
+        return False
+    return counts["<think>"] == 0 or head.startswith("<think>")
 
 
 def _last_answer(text: str) -> str | None:
@@ -315,8 +325,4 @@ def countdown_format_reward(completions, **kwargs) -> list[float]:
     ...                          "<think>a</think><answer>1</answer><answer>2</answer>"])
     [1.0, 1.0, 0.0, 0.0, 0.0]
     """
-    rewards = []
-    for completion in completions:
-        match = _FORMAT.match(completion_text(completion))
-        rewards.append(1.0 if match is not None and match.group(1).strip() else 0.0)
-    return rewards
+    return [1.0 if _well_formed(completion_text(c)) else 0.0 for c in completions]

@@ -93,8 +93,10 @@ def load_gsm8k(split: str = "train", path: str | None = None, template: str = "p
 MAX_CHARS = 20_000  # only the tail is searched: the final answer sits at the end
 _MAX_NUMBER_CHARS = 64
 
+# Digits first (the lookahead lets the regex engine skip non-digit text quickly); a sign or
+# "$" in front is read by _normalize, which looks back from the match.
 _NUMBER = re.compile(
-    r"(?<![\w.])(?P<sign>[-\u2212]\s?)?\$?\s?"
+    r"(?=[\d.])(?<![\w.])"
     r"(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
     r"(?:/(?P<den>\d+)(?![\d.]))?"
 )
@@ -104,22 +106,37 @@ _UNIT_GROUP = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{[^{}]*\}")
 _LATEX_NOISE = re.compile(r"\\[$%,!; ]|[$%~]|\\left|\\right")
 
 
-def _normalize(match: re.Match) -> str:
-    sign = "-" if match.group("sign") else ""
+def _negative(text: str, start: int) -> bool:
+    """Whether the number at ``start`` carries a minus sign: "-5", "-$5", not "5-3" or "5 - 3"."""
+    j = start
+    if j > 0 and text[j - 1] == "$":
+        j -= 1
+    if j == 0 or text[j - 1] not in "-\u2212":
+        return False
+    return j == 1 or not (text[j - 2].isalnum() or text[j - 2] in "_.")
+
+
+def _normalize(text: str, match: re.Match) -> str:
+    sign = "-" if _negative(text, match.start()) else ""
     den = match.group("den")
     return sign + match.group("num").replace(",", "") + (f"/{den}" if den else "")
 
 
 def _first_number(text: str) -> str | None:
     match = _NUMBER.search(text)
-    return None if match is None else _normalize(match)
+    return None if match is None else _normalize(text, match)
 
 
 def _last_number(text: str) -> str | None:
+    """The last number; only a window before the last digit is searched (str.rfind is C-fast)."""
+    end = max(text.rfind(d) for d in "0123456789")
+    if end < 0:
+        return None
     last = None
-    for last in _NUMBER.finditer(text):
+    # a number longer than the window is invalid anyway (> _MAX_NUMBER_CHARS): no match there
+    for last in _NUMBER.finditer(text, max(0, end - 2 * _MAX_NUMBER_CHARS), end + 1):
         pass
-    return None if last is None else _normalize(last)
+    return None if last is None else _normalize(text, last)
 
 
 def _last_boxed(text: str) -> str | None:
@@ -150,10 +167,10 @@ def _boxed_value(content: str) -> str | None:
         return None
     frac = _FRAC.fullmatch(cleaned)
     if frac:
-        return _normalize(frac)
+        return frac.group("sign") + frac.group("num") + "/" + frac.group("den")
     numbers = list(_NUMBER.finditer(cleaned))
     if len(numbers) == 1 and not re.search(r"[\\^=*+{}()]", cleaned):
-        return _normalize(numbers[0])  # one number with words around it: "18 dollars"
+        return _normalize(cleaned, numbers[0])  # one number with words around it: "18 dollars"
     return cleaned
 
 
@@ -288,6 +305,8 @@ def gsm8k_reward(completions, answer, **kwargs) -> list[float]:
         value = _to_fraction(pred)
         if value is not None:
             rewards.append(1.0 if value == reference else 0.0)
+        elif "\\" not in pred:  # not LaTeX (e.g. a 1/0 or a 10,000-digit number): no fallback
+            rewards.append(0.0)
         else:
             rewards.append(1.0 if _math_verify_equal(reference, pred) else 0.0)
     return rewards
