@@ -1,0 +1,58 @@
+"""Tiny models and tokenizers built in code, for tests, examples and offline smoke runs.
+
+Nothing here reaches a hub: a character-level tokenizer (``tokenizers`` WordLevel over single
+characters, wrapped in ``PreTrainedTokenizerFast``) and small random Llama / GPT-2 models.
+"""
+from __future__ import annotations
+
+import string
+
+import torch
+
+CHARS = string.ascii_letters + string.digits + " .,:;!?+-*/=()[]<>#$%'\"\n"
+
+
+def char_tokenizer(chars: str = CHARS):
+    """A character tokenizer: ids 0..3 are <pad>, <bos>, <eos>, <unk>; one id per character."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
+    for c in dict.fromkeys(chars):
+        vocab.setdefault(c, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<unk>", padding_side="left")
+
+
+def tiny_llama(vocab_size: int, hidden: int = 32, layers: int = 2, init_std: float = 0.02, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, initializer_range=init_std,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(vocab_size: int, hidden: int = 32, layers: int = 2, init_std: float = 0.02, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_positions=512,
+                     initializer_range=init_std, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def char_fraction_reward(target: str = "a"):
+    """A toy reward: the fraction of completion characters equal to ``target``."""
+    def char_fraction(completions, **kwargs):
+        out = []
+        for c in completions:
+            text = c if isinstance(c, str) else c[-1]["content"]
+            out.append(text.count(target) / len(text) if text else 0.0)
+        return out
+    return char_fraction
