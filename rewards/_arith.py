@@ -19,6 +19,7 @@ solver and problem generator.
 """
 from __future__ import annotations
 
+import re
 from fractions import Fraction
 
 MAX_LENGTH = 256  # characters; a 4-number Countdown answer is ~20
@@ -27,9 +28,9 @@ MAX_LITERALS = 32
 MAX_LITERAL_DIGITS = 12
 MAX_BITS = 256  # bound on numerator/denominator of every intermediate value
 
-_OPS = "+-*/"
-_SPACE = " \t\n\r"
-_DIGITS = "0123456789"  # ASCII only: str.isdigit() also admits '３' and '²'
+_ALLOWED = re.compile(r"[0-9+\-*/() \t\n\r]*")  # ASCII only: str.isdigit() also admits '３', '²'
+_TOKEN = re.compile(r"[0-9]+|[-+*/()]")
+_END = ""  # sentinel token after the last one
 
 
 class ArithError(ValueError):
@@ -38,30 +39,23 @@ class ArithError(ValueError):
 
 def _tokenize(text: str) -> list[str]:
     """Split into integer literals, operators and parentheses; reject anything else."""
-    tokens: list[str] = []
-    i, n = 0, len(text)
-    while i < n:
-        ch = text[i]
-        if ch in _SPACE:
-            i += 1
-        elif ch in _DIGITS:
-            j = i
-            while j < n and text[j] in _DIGITS:
-                j += 1
-            if j - i > MAX_LITERAL_DIGITS:
-                raise ArithError(f"literal of {j - i} digits exceeds {MAX_LITERAL_DIGITS}")
-            tokens.append(text[i:j])
-            i = j
-        elif ch in _OPS or ch in "()":
-            tokens.append(ch)
-            i += 1
-        else:
-            raise ArithError(f"character {ch!r} at position {i} is not allowed")
+    if not _ALLOWED.fullmatch(text):
+        bad = next(i for i, ch in enumerate(text) if not _ALLOWED.fullmatch(ch))
+        raise ArithError(f"character {text[bad]!r} at position {bad} is not allowed")
+    tokens = _TOKEN.findall(text)
+    for tok in tokens:
+        if len(tok) > MAX_LITERAL_DIGITS:
+            raise ArithError(f"literal of {len(tok)} digits exceeds {MAX_LITERAL_DIGITS}")
+    tokens.append(_END)
     return tokens
 
 
 class _Parser:
-    """Recursive descent over the token list, evaluating exactly as it goes."""
+    """Recursive descent over the token list, evaluating exactly as it goes.
+
+    Values stay Python ints until a division leaves a remainder, then become Fractions:
+    exact either way, and int arithmetic is several times faster than Fraction's.
+    """
 
     def __init__(self, tokens: list[str]):
         self.tokens = tokens
@@ -69,57 +63,60 @@ class _Parser:
         self.depth = 0
         self.literals: list[int] = []
 
-    def peek(self) -> str | None:
-        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
-
-    def take(self) -> str | None:
-        tok = self.peek()
-        self.pos += 1
-        return tok
-
-    def expr(self) -> Fraction:
+    def expr(self) -> int | Fraction:
         value = self.term()
-        while self.peek() in ("+", "-"):
-            op = self.take()
-            value = _check(value + self.term() if op == "+" else value - self.term())
+        while self.tokens[self.pos] in ("+", "-"):
+            op = self.tokens[self.pos]
+            self.pos += 1
+            rhs = self.term()
+            value = _check(value + rhs if op == "+" else value - rhs)
         return value
 
-    def term(self) -> Fraction:
+    def term(self) -> int | Fraction:
         value = self.factor()
-        while self.peek() in ("*", "/"):
-            op = self.take()
+        while self.tokens[self.pos] in ("*", "/"):
+            op = self.tokens[self.pos]
+            self.pos += 1
             rhs = self.factor()
             if op == "*":
                 value = _check(value * rhs)
             elif rhs == 0:
                 raise ArithError("division by zero")
+            elif isinstance(value, int) and isinstance(rhs, int) and value % rhs == 0:
+                value = value // rhs
             else:
-                value = _check(value / rhs)
+                value = _check(Fraction(value) / rhs)
         return value
 
-    def factor(self) -> Fraction:
-        tok = self.take()
-        if tok is None:
-            raise ArithError("unexpected end of expression")
+    def factor(self) -> int | Fraction:
+        tok = self.tokens[self.pos]
+        self.pos += 1
         if tok == "(":
             self.depth += 1
             if self.depth > MAX_DEPTH:
                 raise ArithError(f"parentheses nested deeper than {MAX_DEPTH}")
             value = self.expr()
-            if self.take() != ")":
+            if self.tokens[self.pos] != ")":
                 raise ArithError("unbalanced parentheses")
+            self.pos += 1
             self.depth -= 1
             return value
-        if tok[0] in _DIGITS:
-            self.literals.append(int(tok))
+        if tok and tok[0] in "0123456789":
+            value = int(tok)
+            self.literals.append(value)
             if len(self.literals) > MAX_LITERALS:
                 raise ArithError(f"more than {MAX_LITERALS} numbers")
-            return Fraction(int(tok))
+            return value
+        if tok == _END:
+            raise ArithError("unexpected end of expression")
         raise ArithError(f"unexpected token {tok!r}")
 
 
-def _check(value: Fraction) -> Fraction:
-    if value.numerator.bit_length() > MAX_BITS or value.denominator.bit_length() > MAX_BITS:
+def _check(value: int | Fraction) -> int | Fraction:
+    if isinstance(value, int):
+        if value.bit_length() > MAX_BITS:
+            raise ArithError(f"intermediate value exceeds {MAX_BITS} bits")
+    elif value.numerator.bit_length() > MAX_BITS or value.denominator.bit_length() > MAX_BITS:
         raise ArithError(f"intermediate value exceeds {MAX_BITS} bits")
     return value
 
@@ -146,9 +143,9 @@ def evaluate(text: str) -> tuple[Fraction, list[int]]:
         raise ArithError(f"expression of {len(text)} characters exceeds {MAX_LENGTH}")
     parser = _Parser(_tokenize(text))
     value = parser.expr()
-    if parser.peek() is not None:
-        raise ArithError(f"unexpected token {parser.peek()!r}")
-    return value, parser.literals
+    if parser.tokens[parser.pos] != _END:
+        raise ArithError(f"unexpected token {parser.tokens[parser.pos]!r}")
+    return Fraction(value), parser.literals
 
 
 # ---- expression trees: int leaves, (op, left, right) nodes ---------------------------------

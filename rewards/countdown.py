@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import random
-from collections import Counter
 from fractions import Fraction
 
 from rewards._arith import ArithError, evaluate, tree_to_str
@@ -278,8 +277,7 @@ def _last_answer(text: str) -> str | None:
 def _check_answer(expression: str, target, nums) -> bool:
     try:
         value, literals = evaluate(expression)
-        wanted = Counter(int(x) for x in nums)
-        return Counter(literals) == wanted and value == Fraction(int(target))
+        return value == int(target) and sorted(literals) == sorted(int(x) for x in nums)
     except (ArithError, TypeError, ValueError, OverflowError):
         return False
 

@@ -98,10 +98,11 @@ _MAX_NUMBER_CHARS = 64
 _NUMBER = re.compile(
     r"(?=[\d.])(?<![\w.])"
     r"(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
-    r"(?:/(?P<den>\d+)(?![\d.]))?"
+    r"(?:/(?P<den>\d+)(?![\d.]))?",
+    re.ASCII,  # ASCII digits only: without it, \d also reads '３' or '٣' as numbers
 )
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)", re.IGNORECASE)
-_FRAC = re.compile(r"(?P<sign>-?)\s*\\[dt]?frac\s*\{\s*(?P<num>\d+)\s*\}\s*\{\s*(?P<den>\d+)\s*\}")
+_FRAC = re.compile(r"(?P<sign>-?)\s*\\[dt]?frac\s*\{\s*(?P<num>\d+)\s*\}\s*\{\s*(?P<den>\d+)\s*\}", re.ASCII)
 _UNIT_GROUP = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{[^{}]*\}")
 _LATEX_NOISE = re.compile(r"\\[$%,!; ]|[$%~]|\\left|\\right")
 
@@ -214,12 +215,16 @@ def extract_final_answer(text: str) -> str | None:
     return _last_number(text)
 
 
-_VALUE = re.compile(r"-?(?:\d+(?:\.\d+)?|\.\d+)(?:/\d+)?")
+_VALUE = re.compile(r"-?(?:\d+(?:\.\d+)?|\.\d+)(?:/\d+)?", re.ASCII)
 
 
-def _to_fraction(s: str) -> Fraction | None:
-    """Exact value of a normalised number string; None if it is not one (or is too long)."""
-    if len(s) > _MAX_NUMBER_CHARS or not _VALUE.fullmatch(s):
+def _to_fraction(s: str) -> int | Fraction | None:
+    """Exact value of a normalised number string (an int when it is one); None if not a number."""
+    if len(s) > _MAX_NUMBER_CHARS:
+        return None
+    if s.isascii() and (s.isdigit() or (s[:1] == "-" and s[1:].isdigit())):
+        return int(s)  # the common case, without Fraction's string parsing
+    if not _VALUE.fullmatch(s):
         return None
     num, _, den = s.partition("/")
     if den and int(den) == 0:
@@ -252,7 +257,7 @@ def reference_answer(answer: str) -> str:
 
 
 @functools.lru_cache(maxsize=65536)
-def _reference_value(answer: str) -> Fraction:
+def _reference_value(answer: str) -> int | Fraction:
     return _to_fraction(reference_answer(answer))
 
 
@@ -260,10 +265,10 @@ def _reference_value(answer: str) -> Fraction:
 
 _LATEX_COMMANDS = re.compile(r"\\(?:[dt]?frac|sqrt|cdot|times|div)(?![a-zA-Z])")
 _LATEX_ALLOWED = re.compile(r"[0-9\s{}()\[\].,+\-*/]*")
-_LONG_DIGITS = re.compile(r"\d{13}")
+_LONG_DIGITS = re.compile(r"[0-9]{13}")
 
 
-def _math_verify_equal(reference: Fraction, latex: str) -> bool:
+def _math_verify_equal(reference: int | Fraction, latex: str) -> bool:
     """math-verify's verdict on a short, exponent-free LaTeX answer; False when not safe to ask."""
     if len(latex) > 64 or threading.current_thread() is not threading.main_thread():
         return False
@@ -275,6 +280,7 @@ def _math_verify_equal(reference: Fraction, latex: str) -> bool:
         from math_verify import LatexExtractionConfig, parse, verify
 
         pred = parse("$" + latex + "$", extraction_config=[LatexExtractionConfig()], parsing_timeout=1)
+        reference = Fraction(reference)
         gold = [sympy.Rational(reference.numerator, reference.denominator)]
         return bool(pred) and bool(verify(gold, pred, timeout_seconds=1))
     except Exception:  # ImportError, timeouts, sympy errors: not verified
