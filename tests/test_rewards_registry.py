@@ -15,6 +15,23 @@ def test_registered_names():
     assert get_reward_func(len) is len  # a callable passes through
 
 
+def test_called_the_way_trl_calls_rewards():
+    # GRPOTrainer passes prompts, completions, completion_ids, every dataset column and trainer_state
+    from rewards.countdown import make_countdown_dataset
+
+    ds = make_countdown_dataset(3, seed=0, template="chat")
+    completions = [[{"role": "assistant", "content": f"<think>ok</think><answer>{s}</answer>"}]
+                   for s in ds["solution"]]
+    columns = {k: ds[k] for k in ds.column_names if k != "prompt"}
+    kwargs = dict(prompts=ds["prompt"], completions=completions, completion_ids=[[1, 2]] * 3,
+                  trainer_state=None, **columns)
+    assert get_reward_func("countdown")(**kwargs) == [1.0, 1.0, 1.0]
+    assert get_reward_func("countdown_format")(**kwargs) == [1.0, 1.0, 1.0]
+    gsm = dict(prompts=["Q"], completions=["#### 5"], completion_ids=[[1]], trainer_state=None,
+               question=["Q"], answer=["2 + 3 = 5\n#### 5"])
+    assert get_reward_func("gsm8k")(**gsm) == [1.0]
+
+
 def test_module_function():
     assert get_reward_func("rewards.countdown:countdown_reward") is countdown_reward
     assert get_reward_func("rewards.gsm8k:gsm8k_reward")(["#### 3"], answer=["#### 3"]) == [1.0]
