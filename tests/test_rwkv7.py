@@ -21,6 +21,15 @@ SEQS = [[33155, 40213, 11, 261, 5, 65000, 100, 9, 3000, 42, 7, 12],
 SPLIT = 5  # the state carried across two calls, split after this many tokens
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny ops on a shared, oversubscribed CPU run far faster single-threaded; restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def official_random_checkpoint(seed: int = 0) -> dict[str, torch.Tensor]:
     """A random x070 state dict with the official BlinkDL key names and shapes, of sensible scale
     (unit-variance residual stream, decays spread over (0.55, 1), non-trivial gates and LoRAs)."""
@@ -80,7 +89,7 @@ def official(tmp_path_factory):
     torch.save(sd, path)
     script = d / "reference.py"
     script.write_text(REFERENCE)
-    env = {**os.environ, "RWKV_V7_ON": "1", "RWKV_JIT_ON": "1", "RWKV_CUDA_ON": "0"}
+    env = {**os.environ, "RWKV_V7_ON": "1", "RWKV_JIT_ON": "1", "RWKV_CUDA_ON": "0", "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script), str(path), str(d / "ref.pt"), str(SPLIT)]
                    + [",".join(map(str, s)) for s in SEQS], check=True, env=env, capture_output=True)
     return path, sd, torch.load(d / "ref.pt")

@@ -61,7 +61,7 @@ class RWKVWorldTokenizer:
 
     >>> tok = RWKVWorldTokenizer()
     >>> tok.encode("Hello world")
-    [33155, 33843]
+    [33155, 40213]
     >>> tok.decode(tok.encode("Hello world"))
     'Hello world'
     """
