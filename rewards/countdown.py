@@ -173,7 +173,8 @@ def generate_countdown_problems(
             value, tree = drawn
             if value.denominator == 1 and 1 <= value <= max_value:
                 solution = tree_to_str(tree)
-                assert _check_answer(solution, int(value), nums), solution  # parser agrees
+                if not _check_answer(solution, int(value), nums):  # the scoring parser must agree
+                    raise RuntimeError(f"generated solution {solution!r} does not verify for {nums} -> {value}")
                 problems.append({"nums": nums, "target": int(value), "solution": solution})
                 break
     return problems
