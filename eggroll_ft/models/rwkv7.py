@@ -146,21 +146,25 @@ def token_shift(x: torch.Tensor, x_prev: torch.Tensor, mask: torch.Tensor | None
 
 
 def wkv7_scan(state, r, w, k, v, a, b, mask):
-    """The RWKV-7 state recurrence (paper Eq. 11-13), one step per token, in float32.
+    """The RWKV-7 state update (arXiv 2503.14456), one step per token, in float32.
 
     ``S_t = S_{t-1} diag(w_t) + (S_{t-1} a_t) b_t^T + v_t k_t^T`` and ``o_t = S_t r_t``, with
     ``a = -kk``, ``b = kk * a_iclr``: the rank-1 ``S a b^T`` is applied as two matrix-vector
     products, O(N^2) per head. ``state (B, H, N, N)``, inputs ``(B, T, H, N)``; rows whose ``mask``
     is 0 at step t keep their state. Returns ``(o (B, T, H, N), state)``.
     """
+    B, T, H, N = r.shape
+    S = state.reshape(B * H, N, N)
+    col = lambda u, t: u[:, t].reshape(B * H, N, 1)  # noqa: E731
+    row = lambda u, t: u[:, t].reshape(B * H, 1, N)  # noqa: E731
     outs = []
-    for t in range(r.shape[1]):
-        new = (state * w[:, t, :, None, :]
-               + (state @ a[:, t, :, :, None]) @ b[:, t, :, None, :]
-               + v[:, t, :, :, None] @ k[:, t, :, None, :])
-        state = new if mask is None else torch.where(mask[:, t, None, None, None], new, state)
-        outs.append((state @ r[:, t, :, :, None]).squeeze(-1))  # (B, H, N)
-    return torch.stack(outs, dim=1), state
+    for t in range(T):
+        new = S * row(w, t)  # decay along the key axis
+        new.baddbmm_(torch.bmm(S, col(a, t)), row(b, t))  # + (S a) b^T
+        new.baddbmm_(col(v, t), row(k, t))  # + v k^T
+        S = new if mask is None else torch.where(mask[:, t].repeat_interleave(H)[:, None, None], new, S)
+        outs.append(torch.bmm(S, col(r, t)).view(B, H, N))
+    return torch.stack(outs, dim=1), S.view(B, H, N, N)
 
 
 class TimeMix(nn.Module):
@@ -262,6 +266,13 @@ class RWKV7ForCausalLM(nn.Module):
             self.reset_parameters()
 
     # ---- HF-style accessors used by Population and the trainer ---------------------------------
+    is_recurrent = True  # the engine keeps an RWKV7State per row instead of a KV cache
+
+    def default_tokenizer(self):
+        """The RWKV World tokenizer (every official RWKV-7 model uses it)."""
+        from .rwkv_tokenizer import RWKVWorldTokenizer
+        return RWKVWorldTokenizer()
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.emb
 
