@@ -64,6 +64,8 @@ def test_batch_call_pads_left_by_default(tok):
     assert single["input_ids"] == tok.encode("Hello world") and single["attention_mask"] == [1, 1]
     cut = tok(["one two three four five"], truncation=True, max_length=2)
     assert cut["input_ids"][0] == tok.encode("one two three four five")[-2:]  # keeps the prompt's end
+    padded = tok.pad({"input_ids": [tok.encode(t) for t in texts]}, return_tensors="pt")
+    assert torch.equal(padded["input_ids"], ids) and torch.equal(padded["attention_mask"], mask)
     with pytest.raises(ValueError, match="padding_side='middle'"):
         tok(texts, padding=True, padding_side="middle")
     with pytest.raises(ValueError, match="different lengths"):

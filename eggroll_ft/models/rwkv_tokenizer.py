@@ -157,6 +157,27 @@ class RWKVWorldTokenizer:
             data.pop("attention_mask")
         return BatchEncoding(data)
 
+    def pad(self, encoded_inputs, padding: bool | str = True, max_length: int | None = None,
+            return_tensors: str | None = None, padding_side: str | None = None, **_):
+        """Pad already-encoded rows (``{"input_ids": [[...], ...]}`` or a list of such dicts)."""
+        from transformers import BatchEncoding
+        if isinstance(encoded_inputs, (list, tuple)):
+            rows = [list(e["input_ids"]) for e in encoded_inputs]
+        else:
+            rows = [list(r) for r in encoded_inputs["input_ids"]]
+        side = padding_side or self.padding_side
+        self._check_side("padding_side", side)
+        width = max_length if padding == "max_length" and max_length else max((len(r) for r in rows), default=0)
+        ids, masks = [], []
+        for r in rows:
+            pad = [self.pad_token_id] * (width - len(r))
+            ids.append(pad + r if side == "left" else r + pad)
+            masks.append([0] * len(pad) + [1] * len(r) if side == "left" else [1] * len(r) + [0] * len(pad))
+        if return_tensors == "pt":
+            return BatchEncoding({"input_ids": torch.tensor(ids, dtype=torch.long).reshape(len(ids), -1),
+                                  "attention_mask": torch.tensor(masks, dtype=torch.long).reshape(len(ids), -1)})
+        return BatchEncoding({"input_ids": ids, "attention_mask": masks})
+
     # ---- decoding ----------------------------------------------------------------------------------
     def decode(self, token_ids, skip_special_tokens: bool = False, **_) -> str:
         """Text of ``token_ids``. Id 0 is dropped with ``skip_special_tokens``, else shown as
