@@ -1,0 +1,216 @@
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+
+from eggroll_ft import EggrollConfig, EggrollTrainer
+from eggroll_ft.testing import char_fraction_reward, char_tokenizer, tiny_llama
+
+HERE = Path(__file__).parent
+ALPHABET = "abcdefgh "
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), max_steps=2, population_size=4, sigma=0.2, learning_rate=0.05,
+                prompts_per_step=2, max_completion_length=6, report_to="none", use_cpu=True, save_strategy="no",
+                logging_steps=1, disable_tqdm=True, seed=0)
+    base.update(kw)
+    return EggrollConfig(**base)
+
+
+def _data(n=8):
+    return Dataset.from_dict({"prompt": ["abc", "hgf", "dde", "bag", "cab", "fed", "ggh", "ace"][:n],
+                              "target": list("aabbccdd")[:n]})
+
+
+def _trainer(tmp_path, reward=None, model=None, **kw):
+    tok = char_tokenizer(ALPHABET)
+    model = model if model is not None else tiny_llama(len(tok), init_std=0.5)
+    return EggrollTrainer(model, reward or char_fraction_reward("a"), args=_args(tmp_path, **kw),
+                          train_dataset=_data(), processing_class=tok)
+
+
+def test_learning_improves_reward_and_only_perturbed_weights_change(tmp_path):
+    tok = char_tokenizer(ALPHABET)
+    model = tiny_llama(len(tok), init_std=0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tr = EggrollTrainer(model, char_fraction_reward("a"), processing_class=tok, train_dataset=_data(),
+                        args=_args(tmp_path, max_steps=20, population_size=32, sigma=0.2, learning_rate=0.2, greedy=True,
+                                   max_completion_length=10, logging_steps=4))
+    tr.train()
+    rewards = [h["reward"] for h in tr.state.log_history if "reward" in h]
+    assert rewards[-1] > rewards[0] + 0.3, rewards  # measured: 0.11 -> 0.66
+    perturbed = set(tr.population.params)
+    after = model.state_dict()
+    for k, v in after.items():
+        changed = not torch.equal(before[k], v)
+        assert changed == (k in perturbed), k
+
+
+def test_same_seed_same_weights_and_resume_equals_uninterrupted(tmp_path):
+    def run(out, max_steps, resume=None, save_steps=None):
+        tok = char_tokenizer(ALPHABET)
+        model = tiny_llama(len(tok), init_std=0.5)
+        kw = dict(output_dir=str(out), max_steps=max_steps, temperature=1.0)
+        if save_steps:
+            kw.update(save_strategy="steps", save_steps=save_steps)
+        tr = EggrollTrainer(model, char_fraction_reward("a"), args=_args(tmp_path, **kw), train_dataset=_data(),
+                            processing_class=tok)
+        tr.train(resume_from_checkpoint=resume)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    full = run(tmp_path / "a", 4)
+    again = run(tmp_path / "b", 4)
+    assert all(torch.equal(full[k], again[k]) for k in full)
+    run(tmp_path / "c", 2, save_steps=2)  # "killed" after step 2, with a checkpoint
+    resumed = run(tmp_path / "c", 4, resume=str(tmp_path / "c" / "checkpoint-2"))
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(population_size=7), "population_size=7 must be even when antithetic=True"),
+    (dict(sigma=0.0), "sigma=0.0"), (dict(sigma=-1.0), "sigma=-1.0"), (dict(rank=0), "rank=0"),
+    (dict(noise_reuse=0), "noise_reuse=0"), (dict(fitness_shaping="softmax"), "fitness_shaping='softmax'"),
+    (dict(prompts_per_step=0), "prompts_per_step=0"), (dict(temperature=0.0), "temperature=0.0"),
+    (dict(top_p=1.5), "top_p=1.5"), (dict(sigma_schedule="cosine"), "sigma_schedule='cosine'"),
+    (dict(generation_backend="vllm"), "generation_backend='vllm'"), (dict(use_vllm=True), "use_vllm=True"),
+])
+def test_invalid_config_names_field_and_value(tmp_path, kw, msg):
+    with pytest.raises(ValueError) as e:
+        _args(tmp_path, **kw)
+    assert msg in str(e.value)
+
+
+def test_reward_errors_name_the_function(tmp_path):
+    def broken_reward(completions, **kwargs):
+        raise KeyError("boom")
+
+    def short_reward(completions, **kwargs):
+        return [1.0]
+
+    with pytest.raises(RuntimeError, match="broken_reward.*boom"):
+        _trainer(tmp_path, reward=broken_reward).train()
+    with pytest.raises(ValueError, match="short_reward' returned 1 rewards"):
+        _trainer(tmp_path, reward=short_reward).train()
+
+
+def test_dataset_errors(tmp_path):
+    tok = char_tokenizer(ALPHABET)
+    with pytest.raises(ValueError, match="empty"):
+        EggrollTrainer(tiny_llama(len(tok)), char_fraction_reward(), args=_args(tmp_path),
+                       train_dataset=Dataset.from_dict({"prompt": []}), processing_class=tok)
+    with pytest.raises(ValueError, match="no 'prompt' column"):
+        EggrollTrainer(tiny_llama(len(tok)), char_fraction_reward(), args=_args(tmp_path),
+                       train_dataset=Dataset.from_dict({"question": ["a"]}), processing_class=tok)
+    with pytest.raises(ValueError, match="train_dataset is required"):
+        EggrollTrainer(tiny_llama(len(tok)), char_fraction_reward(), args=_args(tmp_path), processing_class=tok)
+
+
+def test_reward_protocol_columns_async_none_and_weights(tmp_path):
+    seen = {}
+
+    def column_reward(prompts, completions, completion_ids, target, trainer_state, **kwargs):
+        seen["n"], seen["target"], seen["state"] = len(completions), target[:2], trainer_state
+        assert len(completion_ids) == len(completions) == len(prompts) == len(target)
+        return [None if i % 2 else c.count(t) / max(len(c), 1) for i, (c, t) in enumerate(zip(completions, target))]
+
+    async def async_reward(completions, **kwargs):
+        await asyncio.sleep(0)
+        return [1.0] * len(completions)
+
+    tr = _trainer(tmp_path, reward=[column_reward, async_reward], reward_weights=[1.0, 0.5], max_steps=1)
+    tr.train()
+    assert seen["n"] == 4 * 2 and seen["state"] is tr.state and len(seen["target"]) == 2
+    log = next(h for h in tr.state.log_history if "reward" in h)
+    assert log["rewards/async_reward/mean"] == 1.0
+    assert log["reward"] >= 0.5  # NaN rows of column_reward are skipped, async adds 0.5 * 1.0
+    for key in ("reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
+                "num_tokens", "step_time", "es/sigma", "es/update_norm", "rewards/column_reward/std"):
+        assert key in log, key
+
+
+def test_conversational_prompts_and_log_completions(tmp_path):
+    tok = char_tokenizer(ALPHABET + "<>|")
+    tok.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}{% if add_generation_prompt %}|{% endif %}"
+    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": "abc"}], [{"role": "user", "content": "hgf"}]]})
+    got = []
+
+    def chat_reward(completions, **kwargs):
+        got.append(completions[0])
+        return [c[-1]["content"].count("a") / 6 for c in completions]
+
+    tr = EggrollTrainer(tiny_llama(len(tok), init_std=0.5), chat_reward, processing_class=tok, train_dataset=ds,
+                        args=_args(tmp_path, max_steps=1, log_completions=True))
+    tr.train()
+    assert got[0][0]["role"] == "assistant" and isinstance(got[0][0]["content"], str)
+    table = tmp_path / "out" / "completions" / "completions_00001.parquet"
+    import pandas as pd
+
+    df = pd.read_parquet(table)
+    assert len(df) == 4 * 2 and {"member", "prompt", "completion", "chat_reward", "reward"} <= set(df.columns)
+
+
+def test_hf_backend_and_adam(tmp_path):
+    tr = _trainer(tmp_path, generation_backend="hf", optim="adamw_torch", learning_rate=0.01, max_steps=2)
+    before = {n: p.weight.clone() for n, p in tr.population.params.items()}
+    tr.train()
+    assert all(not torch.equal(before[n], p.weight) for n, p in tr.population.params.items())
+
+
+def test_peft_lora_perturbs_only_adapters_and_saves_adapter(tmp_path):
+    from peft import LoraConfig
+
+    tok = char_tokenizer(ALPHABET)
+    model = tiny_llama(len(tok), init_std=0.5)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    tr = EggrollTrainer(model, char_fraction_reward("a"), processing_class=tok, train_dataset=_data(),
+                        args=_args(tmp_path, max_steps=2),
+                        peft_config=LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    assert tr.population.params and all("lora_" in n for n in tr.population.params)
+    lora_before = {n: p.weight.clone() for n, p in tr.population.params.items()}
+    tr.train()
+    assert all(not torch.equal(lora_before[n], p.weight) for n, p in tr.population.params.items())
+    merged_base = tr.model.get_base_model().state_dict()
+    for k, v in base.items():  # base weights untouched
+        peft_key = k.replace("q_proj.weight", "q_proj.base_layer.weight").replace("v_proj.weight", "v_proj.base_layer.weight")
+        assert torch.equal(merged_base[peft_key], v), k
+    tr.save_model(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def _swap_to_eggroll(src: str) -> str:
+    return (src.replace("from trl import GRPOConfig, GRPOTrainer", "from eggroll_ft import EggrollConfig, EggrollTrainer")
+            .replace("GRPOConfig(", "EggrollConfig(").replace("GRPOTrainer(", "EggrollTrainer("))
+
+
+def _run_script(tmp_path, name, text):
+    tok = char_tokenizer(ALPHABET)
+    if not (tmp_path / "model").exists():
+        tiny_llama(len(tok), init_std=0.5).save_pretrained(tmp_path / "model")
+        tok.save_pretrained(tmp_path / "model")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(HERE.parent)}
+    script = tmp_path / name
+    script.write_text(text)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "model"), str(tmp_path / name[:-3])],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return float(out.stdout.split("FINAL_REWARD")[-1].split()[0])
+
+
+def test_grpo_script_runs_with_eggroll_class_names(tmp_path):
+    src = (HERE / "data" / "grpo_script.py").read_text()
+    swapped = _swap_to_eggroll(src)
+    assert swapped.count("\n") == src.count("\n") and "GRPOConfig(" not in swapped and "GRPOTrainer(" not in swapped
+    assert 0.0 <= _run_script(tmp_path, "eggroll.py", swapped) <= 1.0
+
+
+@pytest.mark.slow
+def test_grpo_script_is_a_working_trl_script(tmp_path):
+    """The unswapped script really is a TRL GRPO script (slow: TRL's GRPOTrainer on CPU)."""
+    assert 0.0 <= _run_script(tmp_path, "grpo.py", (HERE / "data" / "grpo_script.py").read_text()) <= 1.0
