@@ -70,8 +70,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     C = args.width
-    cfg = RWKV7Config(vocab_size=65536, hidden_size=C, num_hidden_layers=args.layers, intermediate_size=4 * C,
-                      decay_low_rank_dim=64, a_low_rank_dim=64, v_low_rank_dim=32, gate_low_rank_dim=128)
+    cfg = RWKV7Config.from_size(C, args.layers)
     model = RWKV7ForCausalLM(cfg).eval()
     pop = Population(model, NoiseConfig(seed=0, rank=args.rank), population_size=args.batch + args.batch % 2, sigma=1e-3)
     members = torch.arange(args.batch)

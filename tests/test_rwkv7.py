@@ -333,3 +333,17 @@ def test_greedy_helper_continues_like_repeated_forward():
         for _ in range(5):
             seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(got, seq[:, 4:])
+
+
+@pytest.mark.slow  # dynamo tracing takes ~10 s on a loaded 2-core machine
+def test_decode_and_padded_prefill_trace_as_one_graph():
+    """No graph breaks (torch.compile fullgraph, eager backend), with population hooks active."""
+    torch.manual_seed(5)
+    model = tiny_model()
+    pop = Population(model, NoiseConfig(seed=0, rank=1), population_size=4, sigma=0.05)
+    ids, mask = left_pad([[5, 6, 7], [8, 9, 10, 11]])
+    step = torch.compile(lambda i, s, m: model(i, s, attention_mask=m).logits, backend="eager", fullgraph=True)
+    with torch.no_grad(), pop.members(torch.tensor([0, 3])):
+        want = model(ids, model.init_state(2), attention_mask=mask).logits
+        got = step(ids, model.init_state(2), mask)
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)

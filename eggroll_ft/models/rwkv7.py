@@ -75,6 +75,21 @@ class RWKV7Config:
     def num_heads(self) -> int:
         return self.hidden_size // self.head_size
 
+    @classmethod
+    def from_size(cls, hidden_size: int, num_hidden_layers: int, vocab_size: int = 65536,
+                  head_size: int = 64) -> "RWKV7Config":
+        """A config with RWKV-LM's suggested low-rank dims for width ``C`` (``round(k sqrt(C) / 32) * 32``,
+        at least 32; k = 2.5 decay, 2.5 ICLR, 1.7 value, 5 gate) and a 4 C FFN.
+
+        >>> c = RWKV7Config.from_size(768, 12)  # the 0.1B g1 shape
+        >>> (c.decay_low_rank_dim, c.a_low_rank_dim, c.v_low_rank_dim, c.gate_low_rank_dim, c.intermediate_size)
+        (64, 64, 32, 128, 3072)
+        """
+        dim = lambda k: max(32, int(round(k * hidden_size ** 0.5 / 32)) * 32)  # noqa: E731
+        return cls(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                   head_size=head_size, decay_low_rank_dim=dim(2.5), a_low_rank_dim=dim(2.5),
+                   v_low_rank_dim=dim(1.7), gate_low_rank_dim=dim(5.0), intermediate_size=4 * hidden_size)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -354,10 +369,11 @@ class RWKV7ForCausalLM(nn.Module):
             if attention_mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {(B, T)}")
             mask = attention_mask.to(input_ids.device).bool()
-            if T > 1 and bool((mask[:, :-1] & ~mask[:, 1:]).any()):
-                raise ValueError("attention_mask must be left padding only (no 0 after a 1 in a row)")
-            if bool(mask.all()):
-                mask = None
+            if not torch.compiler.is_compiling():  # data-dependent checks would break a compiled graph
+                if T > 1 and bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+                    raise ValueError("attention_mask must be left padding only (no 0 after a 1 in a row)")
+                if bool(mask.all()):
+                    mask = None
         x = self.blocks[0].ln0(self.emb(input_ids))  # (B, T, C)
         v_first = None
         for i, blk in enumerate(self.blocks):
