@@ -1,0 +1,323 @@
+"""A byte-level minGRU language model, in float and in integer-only form (EGGROLL Sec. 6.3).
+
+EGGROLL (Sarkar et al. 2025, arXiv 2511.16652) pretrains a minGRU language model whose weights
+and activations are int8 and whose forward pass uses integer arithmetic only, which no gradient
+method can train. minGRU (Feng et al. 2024, "Were RNNs All We Needed?") is
+
+    z_t = sigmoid(W_z x_t),   c_t = W_c x_t,   h_t = (1 - z_t) * h_{t-1} + z_t * c_t
+
+The architecture is written ONCE, in :func:`mingru_forward`, against a small set of operations
+(``embed, linear, norm, gate, scan, act, add``). :class:`FloatOps` implements them in float32 (the
+backprop baseline, :class:`FloatMinGRU`); :class:`IntOps` implements them with integers only
+(:class:`IntMinGRU`):
+
+* weights are int8; every matmul is int8 x int8 -> int32 (``torch._int_mm``), then a rounding
+  right shift and saturation back to int8;
+* the norm divides by the mean absolute value through a reciprocal lookup table;
+* the minGRU gate is a 256-entry sigmoid lookup table in 1/128 units, the mix is a shift by 7;
+* the MLP activation is ReLU (a clamp); residual adds saturate at +-127;
+* logits are int8 in 1/16-bit units (base-2 logits), and :func:`int_log_softmax` turns them into
+  log2-probabilities in 1/256-bit units with an exp2 table and an integer log2 (leading-bit
+  count plus a mantissa table).
+
+No float tensor is created inside the integer forward; ``tests/test_mingru.py`` checks every op's
+output dtype with a ``TorchFunctionMode``. Low-rank population members (one member per batch row)
+enter the integer forward as already-gathered int8 factors (``LowRank``); drawing them and the
+update live in :mod:`eggroll_ft.integer_es`. This module knows nothing of data or of training.
+
+Block layout (pre-norm): ``x += out(minGRU(norm(x)))``, ``x += down(relu(up(norm(x))))``, then
+``head(norm(x))``. Weight names (``weight_shapes``) are shared by both forms and are the noise
+stream ids.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+LOGIT_UNITS = 16      # int logits: 16 units = 1 bit (base-2 logits)
+LOGP_UNITS = 256      # int log-probabilities: 256 units = 1 bit
+GATE_ONE = 128        # int gate: 128 = 1.0
+NORM_TARGET = 32      # int norm output: mean |x| = 32
+_RECIP_BITS = 12
+_INT8_MAX = 127
+
+
+@dataclass(frozen=True)
+class MinGRUConfig:
+    """Architecture of the byte-level minGRU LM (shared by the float and the integer model)."""
+
+    d_model: int = 64
+    n_layers: int = 2
+    mlp_mult: int = 4
+    vocab_size: int = 256
+    init_std: int = 16  # std of the int8 weight initialisation (integer model only)
+
+    def __post_init__(self):
+        for name in ("d_model", "n_layers", "mlp_mult", "vocab_size", "init_std"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.vocab_size > 256:
+            raise ValueError(f"vocab_size={self.vocab_size} must be <= 256 (bytes)")
+        if self.init_std > 64:
+            raise ValueError(f"init_std={self.init_std} must be <= 64 to leave int8 headroom")
+
+
+def weight_shapes(cfg: MinGRUConfig) -> dict[str, tuple[int, int]]:
+    """Name -> ``(out, in)`` of every weight matrix (``embed`` is ``(vocab, d_model)``)."""
+    d, h, v = cfg.d_model, cfg.mlp_mult * cfg.d_model, cfg.vocab_size
+    shapes = {"embed": (v, d)}
+    for i in range(cfg.n_layers):
+        shapes.update({f"l{i}_gate": (d, d), f"l{i}_cand": (d, d), f"l{i}_out": (d, d),
+                       f"l{i}_up": (h, d), f"l{i}_down": (d, h)})
+    shapes["head"] = (v, d)
+    return shapes
+
+
+def num_params(cfg: MinGRUConfig) -> int:
+    return sum(m * n for m, n in weight_shapes(cfg).values())
+
+
+def mingru_forward(ops, cfg: MinGRUConfig, tokens: torch.Tensor, state: torch.Tensor):
+    """The architecture. ``tokens (P, T)`` long, ``state (L, P, D)`` -> logits ``(P, T, V)``, state."""
+    x = ops.embed(tokens)  # (P, T, D)
+    last = []
+    for i in range(cfg.n_layers):
+        u = ops.norm(x)
+        z = ops.gate(ops.linear(f"l{i}_gate", u))  # (P, T, D)
+        c = ops.linear(f"l{i}_cand", u)
+        h, h_last = ops.scan(z, c, state[i])  # (P, T, D), (P, D)
+        x = ops.add(x, ops.linear(f"l{i}_out", h))
+        x = ops.add(x, ops.linear(f"l{i}_down", ops.act(ops.linear(f"l{i}_up", ops.norm(x)))))
+        last.append(h_last)
+    return ops.linear("head", ops.norm(x)), torch.stack(last)  # (P, T, V), (L, P, D)
+
+
+# ----------------------------------------------------------------------------- float form
+class FloatOps:
+    """The operations in float32 (autograd-friendly)."""
+
+    def __init__(self, weights):
+        self.w = weights
+
+    def embed(self, tokens):
+        return self.w["embed"][tokens]
+
+    def linear(self, name, x):
+        return x @ self.w[name].T
+
+    def norm(self, x):
+        return x / (x.abs().mean(-1, keepdim=True) + 1e-5)
+
+    def gate(self, p):
+        return torch.sigmoid(p)
+
+    def scan(self, z, c, h):
+        outs = []
+        for t in range(z.shape[1]):
+            h = (1 - z[:, t]) * h + z[:, t] * c[:, t]
+            outs.append(h)
+        return torch.stack(outs, 1), h
+
+    def act(self, x):
+        return torch.relu(x)
+
+    def add(self, x, y):
+        return x + y
+
+
+class FloatMinGRU(nn.Module):
+    """The float32 minGRU LM, trained by backprop in the baseline. Logits are in nats."""
+
+    def __init__(self, cfg: MinGRUConfig, seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        g = torch.Generator().manual_seed(seed)
+        self.weights = nn.ParameterDict()
+        for name, (m, n) in weight_shapes(cfg).items():
+            std = 1.0 if name == "embed" else n ** -0.5
+            self.weights[name] = nn.Parameter(torch.randn(m, n, generator=g) * std)
+
+    def init_state(self, batch: int) -> torch.Tensor:
+        return torch.zeros(self.cfg.n_layers, batch, self.cfg.d_model)
+
+    def forward(self, tokens, state):
+        return mingru_forward(FloatOps(self.weights), self.cfg, tokens, state)
+
+
+# ----------------------------------------------------------------------------- integer form
+def _sat8(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+
+
+def round_shift(x: torch.Tensor, s: int) -> torch.Tensor:
+    """``round(x / 2^s)`` on integer tensors (halves round up), by an add and an arithmetic shift."""
+    return (x + (1 << (s - 1))) >> s if s > 0 else x
+
+
+def _build_tables() -> dict[str, torch.Tensor]:
+    """Integer lookup tables, built once in Python ints (no float tensor is ever made)."""
+    recip = [0] + [round((NORM_TARGET << _RECIP_BITS) / s) for s in range(1, 128)]
+    sigmoid = [round(GATE_ONE / (1 + math.exp(-(p - 128) / NORM_TARGET))) for p in range(256)]
+    exp2 = [round(65536 * 2 ** (-d / LOGIT_UNITS)) for d in range(256)]  # 2^16 * 2^(-d/16)
+    log2 = [round(LOGP_UNITS * math.log2(1 + i / 256)) for i in range(256)]  # mantissa table
+    return {k: torch.tensor(v, dtype=torch.int32) for k, v in
+            dict(recip=recip, sigmoid=sigmoid, exp2=exp2, log2=log2).items()}
+
+
+TABLES = _build_tables()
+
+
+def int_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x (..., n) int8 @ w (m, n)^T int8 -> (..., m) int32`` with int32 accumulation."""
+    flat = x.reshape(-1, x.shape[-1])
+    return torch._int_mm(flat, w.T).view(*x.shape[:-1], w.shape[0])
+
+
+@dataclass
+class LowRank:
+    """Per-row low-rank int8 perturbations: row ``b`` adds ``sign[b] * A[b] B[b]^T / 2^sigma_shift``.
+
+    ``factors[name] = (A (P, m, r) int8, B (P, n, r) int8)``; ``sign (P,)`` int32 in {-1, 0, +1}
+    (0 = unperturbed row). The effective weight of row ``b`` is the rational matrix
+    ``W + sign * A B^T / 2^sigma_shift``, and the forward rounds ``x (W 2^s + sign A B^T)^T / 2^s``.
+    """
+
+    factors: dict
+    sign: torch.Tensor
+    sigma_shift: int
+
+
+class IntOps:
+    """The operations with integer tensors only (int8 activations, int32 accumulators)."""
+
+    def __init__(self, weights: dict, shifts: dict, lowrank: LowRank | None = None):
+        self.w, self.shifts, self.lr = weights, shifts, lowrank
+
+    def _delta(self, name, acc_rows_fn):
+        """``sign * (x B) A^T`` for rows whose member perturbs ``name``, shifted by sigma_shift."""
+        a, b = self.lr.factors[name]
+        d = acc_rows_fn(a.to(torch.int32), b.to(torch.int32))  # (P, T, m) int32
+        return round_shift(d * self.lr.sign.view(-1, 1, 1), self.lr.sigma_shift)
+
+    def embed(self, tokens):
+        e = self.w["embed"][tokens]  # (P, T, D) int8
+        if self.lr is None or "embed" not in self.lr.factors:
+            return e
+        # row lookup of the perturbed table: A[tok] B^T
+        d = self._delta("embed", lambda a, b: torch.bmm(torch.gather(
+            a, 1, tokens.unsqueeze(-1).expand(-1, -1, a.shape[-1])), b.transpose(1, 2)))
+        return _sat8(e.to(torch.int32) + d)
+
+    def linear(self, name, x):
+        acc = int_matmul(x, self.w[name])  # (P, T, m) int32
+        if self.lr is not None and name in self.lr.factors:
+            xi = x.to(torch.int32)
+            acc = acc + self._delta(name, lambda a, b: torch.bmm(torch.bmm(xi, b), a.transpose(1, 2)))
+        return _sat8(round_shift(acc, self.shifts[name]))
+
+    def norm(self, x):
+        xi = x.to(torch.int32)
+        mean_abs = torch.div(xi.abs().sum(-1, keepdim=True, dtype=torch.int32), x.shape[-1], rounding_mode="floor")
+        recip = TABLES["recip"][mean_abs.clamp(1, _INT8_MAX)]  # 32 * 2^12 / mean|x|
+        return _sat8(round_shift(xi * recip, _RECIP_BITS))
+
+    def gate(self, p):
+        return TABLES["sigmoid"][p.to(torch.int64) + 128]  # (...) int32 in [0, 128]
+
+    def scan(self, z, c, h):
+        h = h.to(torch.int32)
+        c = c.to(torch.int32)
+        outs = []
+        for t in range(z.shape[1]):
+            h = round_shift((GATE_ONE - z[:, t]) * h + z[:, t] * c[:, t], 7)  # convex mix, stays int8
+            outs.append(h)
+        return torch.stack(outs, 1).to(torch.int8), h.to(torch.int8)
+
+    def act(self, x):
+        return x.clamp(min=0)
+
+    def add(self, x, y):
+        return _sat8(x.to(torch.int32) + y.to(torch.int32))
+
+
+def default_shifts(cfg: MinGRUConfig) -> dict[str, int]:
+    """Right shift of each matmul: brings an int32 sum of ``n`` products back to int8 scale.
+
+    The input has std about 40 (norm target 32 in mean |x|), the weights std ``init_std``; the
+    output aims at std 32 for hidden layers and 16 (one bit) for the logits.
+    """
+    shifts = {}
+    for name, (m, n) in weight_shapes(cfg).items():
+        if name == "embed":
+            continue
+        target = 16 if name == "head" else 32
+        shifts[name] = max(0, round(math.log2(math.sqrt(n) * 40 * cfg.init_std / target)))
+    return shifts
+
+
+class IntMinGRU:
+    """The integer-only minGRU LM: int8 weights, int8 activations, integer forward.
+
+    Not an ``nn.Module`` (nothing here is differentiable); ``weights`` maps the names of
+    :func:`weight_shapes` to int8 ``(m, n)`` tensors, ``shifts`` to each matmul's right shift.
+    """
+
+    def __init__(self, cfg: MinGRUConfig, weights: dict, shifts: dict | None = None):
+        self.cfg = cfg
+        self.shifts = dict(default_shifts(cfg) if shifts is None else shifts)
+        for name, shape in weight_shapes(cfg).items():
+            w = weights[name]
+            if w.dtype != torch.int8 or tuple(w.shape) != shape:
+                raise ValueError(f"weight {name} has dtype={w.dtype} shape={tuple(w.shape)}, "
+                                 f"expected int8 {shape}")
+        self.weights = {k: weights[k].contiguous() for k in weight_shapes(cfg)}
+
+    @classmethod
+    def init(cls, cfg: MinGRUConfig, seed: int = 0) -> "IntMinGRU":
+        """Weights ``round(N(0, init_std^2))`` clipped to int8 (drawn once, outside any forward)."""
+        g = torch.Generator().manual_seed(seed)
+        weights = {name: torch.randn(m, n, generator=g).mul(cfg.init_std).round()
+                   .clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+                   for name, (m, n) in weight_shapes(cfg).items()}
+        return cls(cfg, weights)
+
+    def init_state(self, batch: int) -> torch.Tensor:
+        return torch.zeros(self.cfg.n_layers, batch, self.cfg.d_model, dtype=torch.int8)
+
+    def forward(self, tokens, state, lowrank: LowRank | None = None):
+        """``tokens (P, T)`` long, ``state (L, P, D)`` int8 -> int8 logits ``(P, T, V)``, int8 state."""
+        return mingru_forward(IntOps(self.weights, self.shifts, lowrank), self.cfg, tokens, state)
+
+    __call__ = forward
+
+    def state_dict(self) -> dict:
+        return {"weights": dict(self.weights), "shifts": dict(self.shifts)}
+
+
+def int_log_softmax(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Integer log2-probability of ``targets`` under int8 base-2 logits, in 1/256-bit units.
+
+    ``logits (..., V)`` int8 in 1/16-bit units, ``targets (...)`` long -> ``(...)`` int32 (<= 0).
+    ``log2 p_t = (l_t - max) / 16 - log2(sum_j 2^((l_j - max) / 16))``; the sum uses the exp2
+    table (2^16 scale, <= 2^24 for 256 classes), its log2 the leading-bit position plus a table of
+    ``log2(1 + mantissa / 256)``.
+    """
+    li = logits.to(torch.int32)
+    top = li.max(-1, keepdim=True).values
+    total = TABLES["exp2"][(top - li).to(torch.int64)].sum(-1, dtype=torch.int32)  # (...) int32 in [2^16, 2^24]
+    exponent = torch.zeros_like(total)
+    for k in range(1, 31):
+        exponent = exponent + (total >= (1 << k)).to(torch.int32)  # floor(log2 total)
+    mantissa = (total >> (exponent - 8)) - 256  # 8 bits after the leading one (exponent >= 16)
+    log2_total = LOGP_UNITS * (exponent - 16) + TABLES["log2"][mantissa.to(torch.int64)]
+    picked = torch.gather(li - top, -1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked * (LOGP_UNITS // LOGIT_UNITS) - log2_total
+
+
+def exact_bits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Exact ``-log2 p(target)`` of the integer model's distribution (float64; for metrics only)."""
+    lp = torch.log_softmax(logits.to(torch.float64) * (math.log(2) / LOGIT_UNITS), -1)
+    return -torch.gather(lp, -1, targets.unsqueeze(-1)).squeeze(-1) / math.log(2)

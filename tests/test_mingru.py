@@ -1,0 +1,220 @@
+"""minGRU byte LM: integer-only forward (dtypes, exact reference), float form, recipes and configs."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from eggroll_ft.integer_es import IntegerESConfig, member_lowrank
+from eggroll_ft.models.mingru import (
+    FloatMinGRU, IntMinGRU, MinGRUConfig, exact_bits, int_log_softmax, num_params, weight_shapes)
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = MinGRUConfig(d_model=8, n_layers=2, mlp_mult=2, vocab_size=16, init_std=16)
+
+
+class DtypeRecorder(TorchFunctionMode):
+    """Records the dtype of every tensor that any torch op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes, self.ops = [], 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.dtypes.append(t.dtype)
+        return out
+
+
+def _tiny_population(seed=0, step=3, members=(0, 1, 4, 5, -1)):
+    model = IntMinGRU.init(SMALL, seed)
+    es = IntegerESConfig(population_size=8, rank=2, sigma_shift=6, seed=seed)
+    mem = torch.tensor(members)
+    lowrank = member_lowrank(es, weight_shapes(SMALL), step, mem)
+    g = torch.Generator().manual_seed(seed + 1)
+    tokens = torch.randint(0, SMALL.vocab_size, (len(members), 7), generator=g)
+    state = torch.randint(-127, 128, (SMALL.n_layers, len(members), SMALL.d_model), generator=g).to(torch.int8)
+    return model, lowrank, tokens, state
+
+
+def test_integer_forward_creates_only_integer_tensors():
+    model, lowrank, tokens, state = _tiny_population()
+    with DtypeRecorder() as rec:
+        logits, new_state = model(tokens, state, lowrank)
+        logp = int_log_softmax(logits, torch.roll(tokens, -1, 1))
+    assert rec.ops > 200  # the recorder saw the whole forward, op by op
+    floats = [d for d in rec.dtypes if d.is_floating_point or d.is_complex]
+    assert floats == []
+    assert logits.dtype == torch.int8 and new_state.dtype == torch.int8 and logp.dtype == torch.int32
+
+
+def _rs(v: int, s: int) -> int:
+    return (v + (1 << (s - 1))) >> s if s > 0 else v
+
+
+def _sat(v: int) -> int:
+    return max(-127, min(127, v))
+
+
+def _reference_member(model, lowrank, row, tokens, state):
+    """Plain-Python integer forward of one batch row with its materialised perturbed weights."""
+    cfg, s = model.cfg, lowrank.sigma_shift
+    sign = int(lowrank.sign[row])
+    W = {}  # 2^s * W + sign * A B^T, exact integers
+    for name in weight_shapes(cfg):
+        a, b = (f[row].to(torch.int64) for f in lowrank.factors[name])
+        W[name] = (model.weights[name].to(torch.int64) * (1 << s) + sign * (a @ b.T)).tolist()
+
+    def linear(name, x):
+        return [_sat(_rs(_rs(sum(w * xi for w, xi in zip(wrow, x)), s), model.shifts[name])) for wrow in W[name]]
+
+    def norm(x):
+        mean_abs = max(1, min(127, sum(abs(v) for v in x) // len(x)))
+        recip = round(32 * 4096 / mean_abs)
+        return [_sat(_rs(v * recip, 12)) for v in x]
+
+    def sigmoid(p):
+        return round(128 / (1 + math.exp(-p / 32)))
+
+    h = [[int(v) for v in state[i, row]] for i in range(cfg.n_layers)]
+    logits = []
+    for tok in tokens[row].tolist():
+        x = [_sat(_rs(v, s)) for v in W["embed"][tok]]
+        for i in range(cfg.n_layers):
+            u = norm(x)
+            z = [sigmoid(p) for p in linear(f"l{i}_gate", u)]
+            c = linear(f"l{i}_cand", u)
+            h[i] = [_rs((128 - zj) * hj + zj * cj, 7) for zj, hj, cj in zip(z, h[i], c)]
+            x = [_sat(a + b) for a, b in zip(x, linear(f"l{i}_out", h[i]))]
+            m = [max(0, v) for v in linear(f"l{i}_up", norm(x))]
+            x = [_sat(a + b) for a, b in zip(x, linear(f"l{i}_down", m))]
+        logits.append(linear("head", norm(x)))
+    return logits, h
+
+
+def test_integer_forward_equals_plain_python_reference():
+    model, lowrank, tokens, state = _tiny_population()
+    logits, new_state = model(tokens, state, lowrank)
+    for row in range(tokens.shape[0]):
+        ref_logits, ref_h = _reference_member(model, lowrank, row, tokens, state)
+        assert logits[row].tolist() == ref_logits
+        assert new_state[:, row].tolist() == ref_h
+    # the rows really differ: members see different weights, -1 sees the mean weights
+    assert not torch.equal(logits[0], logits[1])
+    plain, _ = model(tokens[-1:], state[:, -1:])
+    assert torch.equal(plain[0], logits[-1])
+
+
+def test_int_log_softmax_matches_exact_bits():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(-127, 128, (64, 256), generator=g).to(torch.int8)
+    targets = torch.randint(0, 256, (64,), generator=g)
+    approx = -int_log_softmax(logits, targets).to(torch.float64) / 256
+    exact = exact_bits(logits, targets)
+    assert (approx - exact).abs().max() < 0.02
+    uniform = int_log_softmax(torch.zeros(3, 256, dtype=torch.int8), torch.tensor([0, 7, 255]))
+    assert uniform.tolist() == [-8 * 256] * 3  # log2(1/256) = -8 bits exactly
+
+
+def test_float_and_int_models_share_the_architecture():
+    cfg = MinGRUConfig(d_model=16, n_layers=2)
+    fm = FloatMinGRU(cfg, seed=0)
+    im = IntMinGRU.init(cfg, seed=0)
+    assert sum(p.numel() for p in fm.parameters()) == num_params(cfg) == sum(w.numel() for w in im.weights.values())
+    assert set(fm.weights.keys()) == set(im.weights) == set(weight_shapes(cfg))
+    tokens = torch.randint(0, 256, (3, 5))
+    logits, state = fm(tokens, fm.init_state(3))
+    assert logits.shape == (3, 5, 256) and state.shape == (2, 3, 16)
+    logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fm.parameters())
+    il, ist = im(tokens, im.init_state(3))
+    assert il.shape == (3, 5, 256) and ist.shape == (2, 3, 16)
+
+
+def test_config_and_weight_validation():
+    with pytest.raises(ValueError, match="d_model=0"):
+        MinGRUConfig(d_model=0)
+    with pytest.raises(ValueError, match="vocab_size=300"):
+        MinGRUConfig(vocab_size=300)
+    bad = {k: torch.zeros(s, dtype=torch.int8) for k, s in weight_shapes(SMALL).items()}
+    bad["head"] = bad["head"].to(torch.int32)
+    with pytest.raises(ValueError, match="weight head has dtype=torch.int32"):
+        IntMinGRU(SMALL, bad)
+
+
+# ------------------------------------------------------------------ recipes (in-process, tiny)
+def _load_recipe(name):
+    import sys
+    if str(ROOT / "recipes") not in sys.path:
+        sys.path.insert(0, str(ROOT / "recipes"))  # the float recipe imports its int8 sibling
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    words = "the cat sat on the mat and the dog ran to the sun while a bird sang ".split()
+    g = torch.Generator().manual_seed(0)
+    text = " ".join(words[i] for i in torch.randint(0, len(words), (3000,), generator=g).tolist())
+    path = tmp_path / "text.txt"
+    path.write_text(text)
+    return str(path)
+
+
+TINY_ARGS = ["--d_model", "8", "--n_layers", "1", "--seq_len", "8", "--eval_every", "2", "--save_every", "2",
+             "--eval_windows", "2", "--eval_len", "32", "--threads", "1"]
+
+
+@pytest.mark.parametrize("recipe,extra", [
+    ("pretrain_mingru_int8", ["--population_size", "16", "--group_size", "4"]),
+    ("pretrain_mingru_float", ["--batch_streams", "4"]),
+])
+def test_recipe_logs_and_resumes_to_the_same_result(recipe, extra, text_file, tmp_path):
+    mod = _load_recipe(recipe)
+    full = mod.main([*TINY_ARGS, *extra, "--data", text_file, "--output_dir", str(tmp_path / "a"), "--steps", "6"])
+    mod.main([*TINY_ARGS, *extra, "--data", text_file, "--output_dir", str(tmp_path / "b"), "--steps", "6",
+              "--stop_at_step", "3"])
+    resumed = mod.main([*TINY_ARGS, *extra, "--data", text_file, "--output_dir", str(tmp_path / "b"),
+                        "--steps", "6", "--resume", "true"])
+    assert full["step"] == 6 and resumed["eval/bpb"] == full["eval/bpb"]
+    lines = [json.loads(ln) for ln in open(tmp_path / "a" / "metrics.jsonl")]
+    assert [ln["step"] for ln in lines] == list(range(7))
+    assert [ln for ln in lines if "eval/bpb" in ln][-1]["eval/bpb"] == full["eval/bpb"]
+    resumed_lines = [json.loads(ln) for ln in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [ln["step"] for ln in resumed_lines] == list(range(7))
+    drop = ("time/train_s",)
+    assert ([{k: v for k, v in ln.items() if k not in drop} for ln in resumed_lines]
+            == [{k: v for k, v in ln.items() if k not in drop} for ln in lines])
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "recipes" / "configs" / "mingru").glob("*.yaml")))
+def test_shipped_configs_parse_and_validate(config):
+    first = config.read_text().splitlines()[0]
+    assert first.startswith("#") and "pretrain_mingru_int8.py" in first
+    mod = _load_recipe("pretrain_mingru_int8")
+    run, es_args = mod.parse_config((mod.RunArgs, mod.ESArgs), ["--config", str(config)])
+    IntegerESConfig(population_size=es_args.population_size, group_size=es_args.group_size,
+                    rank=es_args.rank, sigma_shift=es_args.sigma_shift, total_steps=run.steps)
+    MinGRUConfig(d_model=run.d_model, n_layers=run.n_layers, init_std=es_args.init_std)
+    fmod = _load_recipe("pretrain_mingru_float")
+    fmod.parse_config((fmod.RunArgs, fmod.ESArgs, fmod.FloatArgs), ["--config", str(config)], section="float")
+    # command-line flags win over the file
+    run2, _ = mod.parse_config((mod.RunArgs, mod.ESArgs), ["--config", str(config), "--seq_len", "3"])
+    assert run2.seq_len == 3
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    mod = _load_recipe("pretrain_mingru_int8")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("d_model: 8\npopulation_sise: 4\n")
+    with pytest.raises(ValueError, match="population_sise"):
+        mod.parse_config((mod.RunArgs, mod.ESArgs), ["--config", str(bad)])
