@@ -209,9 +209,8 @@ class TimeMix(nn.Module):
         B, T, C = x.shape
         H, N = self.H, self.N
         prev, x_last = token_shift(x, x_prev, mask)
-        xx = prev - x
-        xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
-        xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
+        coeffs = torch.stack([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g])[:, None, None]  # (6, 1, 1, C)
+        xr, xw, xk, xv, xa, xg = torch.addcmul(x, prev - x, coeffs).unbind(0)  # six lerps in one op
 
         r = self.receptance(xr)  # (B, T, C)
         w = self.w0 + self.w2(torch.tanh(self.w1(xw)))
