@@ -48,8 +48,9 @@ if str(ROOT) not in sys.path:  # rewards/ lives beside the package, not inside i
 from rewards.countdown import countdown_reward, format_prompt, generate_countdown_problems  # noqa: E402
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
-# Every character a prompt or completion may contain: digits, arithmetic, brackets, letters, tags.
-ALPHABET = "0123456789+-*/=()[]{},.:;!?'\" \n<>_" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# Printable ASCII and newline: digits, arithmetic, brackets, letters and tags, and anything else a
+# sampled completion might hold (one token per character; other characters map to <unk>).
+ALPHABET = "".join(chr(c) for c in range(32, 127)) + "\n"
 TEMPLATE = "minimal"
 MODEL_NAME = "tiny-countdown-base"
 
@@ -93,9 +94,13 @@ class TinyBaseConfig:
     is fastest for a model this small, and far faster than two on a machine shared with others."""
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "hidden_size", "num_layers", "num_heads", "num_train", "num_eval"):
+        for name in ("steps", "batch_size", "hidden_size", "num_layers", "num_heads", "num_train", "num_eval",
+                     "max_value", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("warmup_steps", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
         if not 0.0 <= self.four_number_fraction <= 1.0:
@@ -110,7 +115,7 @@ class TinyBaseConfig:
 
 
 def build_tokenizer():
-    """Character-level fast tokenizer: one id per character of ALPHABET, plus pad/bos/eos/unk.
+    """Character-level fast tokenizer: one id per character of ALPHABET, plus pad/bos/eos/unk (100 ids).
 
     No bos is prepended, so a prompt encodes the same with or without `add_special_tokens`
     (TRL and our engine may differ there); left padding for batched generation.
@@ -149,7 +154,8 @@ def build_model(tokenizer, cfg: TinyBaseConfig):
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(config)
     gen = model.generation_config
-    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id, None
+    gen.eos_token_id, gen.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id  # stop at eos
+    gen.bos_token_id = tokenizer.bos_token_id  # never prepended to a prompt; kept equal to avoid a mismatch warning
     gen.do_sample, gen.max_new_tokens = False, cfg.max_new_tokens
     return model
 
@@ -352,6 +358,10 @@ def _build(output_dir: str, cfg: TinyBaseConfig, progress: bool) -> dict:
     start = time.perf_counter()
     accuracy = greedy_accuracy(model, tokenizer, heldout, cfg.max_new_tokens)
     eval_seconds = time.perf_counter() - start
+    prompts = [format_prompt(p["nums"], p["target"], template=TEMPLATE) for p in heldout[:64]]
+    start = time.perf_counter()
+    greedy_completions(model, tokenizer, prompts, cfg.max_new_tokens, batch_size=64)  # sizing for ES/GRPO runs
+    greedy_64_seconds = time.perf_counter() - start
     head = max(1, min(50, len(losses) // 10))
     info = {
         "model": MODEL_NAME,
@@ -364,6 +374,7 @@ def _build(output_dir: str, cfg: TinyBaseConfig, progress: bool) -> dict:
         "heldout_accuracy": accuracy,
         "heldout_problems": len(heldout),
         "heldout_eval_seconds": round(eval_seconds, 1),
+        "greedy_64_seconds": round(greedy_64_seconds, 2),  # one batch of 64 greedy completions
         "first_loss": sum(losses[:head]) / head,
         "final_loss": sum(losses[-head:]) / head,
         "train_problems": len(problems),
@@ -439,7 +450,8 @@ def main(argv=None) -> dict:
     info = build_atomically(output_dir, cfg)
     print(f"saved {output_dir}: {info['params']:,} params, {info['steps']} steps in {info['train_seconds']}s, "
           f"loss {info['first_loss']:.3f} -> {info['final_loss']:.3f}, "
-          f"held-out greedy accuracy {info['heldout_accuracy']:.1%} on {info['heldout_problems']} problems")
+          f"held-out greedy accuracy {info['heldout_accuracy']:.1%} on {info['heldout_problems']} problems; "
+          f"64 greedy completions in {info['greedy_64_seconds']}s; built in {info['build_seconds']}s")
     return info
 
 
