@@ -115,6 +115,10 @@ class Population:
         self.params: dict[str, PerturbedParam] = {}
         self._row_members: torch.Tensor | None = None
         self._cache: dict[str, tuple[torch.Tensor, ...]] = {}
+        # per-row factors of the current members block, gathered once per block and layer (low rank):
+        # name -> (B_i * scale_i (P, n, r), A_i^T (P, r, m)) in the input's dtype
+        self._rows: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rows_key: tuple | None = None
         self._handles = []
         modules = select_linear_modules(model, perturb_modules, exclude_modules)
         if not modules:
@@ -133,6 +137,8 @@ class Population:
         """Move to ES step ``step`` (new noise unless ``noise_reuse`` shares it) and ``sigma``."""
         if self.noise.epoch(step) != self.noise.epoch(self.step):
             self._cache.clear()
+        self._rows.clear()
+        self._rows_key = None
         self.step = int(step)
         if sigma is not None:
             if sigma <= 0:
@@ -144,16 +150,26 @@ class Population:
         """Within the block, batch row ``b`` of every forward runs member ``member_ids[b]``.
 
         ``-1`` (``UNPERTURBED``) runs the mean weights. Nested blocks restore the outer one.
+        The per-row factors are gathered once per block and layer, and kept while the same
+        ``member_ids`` tensor is passed again unmodified (the engine re-enters a block with its slot
+        tensor every decode step; an in-place change of that tensor regathers).
         """
         ids = torch.as_tensor(member_ids, dtype=torch.long).flatten()
         if ids.numel() and (int(ids.max()) >= self.population_size or int(ids.min()) < UNPERTURBED):
             raise ValueError(f"member ids must lie in [-1, {self.population_size}), got "
                              f"[{int(ids.min())}, {int(ids.max())}]")
-        previous, self._row_members = self._row_members, ids
+        key = (member_ids, member_ids._version) if torch.is_tensor(member_ids) else None
+        if key is None or self._rows_key is None or self._rows_key[0] is not key[0] or self._rows_key[1] != key[1]:
+            self._rows.clear()
+        previous, previous_key = self._row_members, self._rows_key
+        self._row_members, self._rows_key = ids, key
         try:
             yield self
         finally:
             self._row_members = previous
+            if previous is not None:  # back in an outer block: its rows are regathered lazily
+                self._rows.clear()
+                self._rows_key = previous_key
 
     def remove(self) -> None:
         """Detach every hook: the model is back to a plain model."""
@@ -161,6 +177,7 @@ class Population:
             h.remove()
         self._handles.clear()
         self._cache.clear()
+        self._rows.clear()
 
     # ---- noise -------------------------------------------------------------------------------
     def factors(self, name: str) -> tuple[torch.Tensor, ...]:
@@ -182,27 +199,55 @@ class Population:
         self._cache[name] = out
         return out
 
+    def _row_factors(self, name: str, members: torch.Tensor, dtype: torch.dtype):
+        """``(B_i * scale_i (P, n, r), A_i^T (P, r, m))`` for the rows' members, in ``dtype``.
+
+        ``scale_i = sigma / sqrt(r) * s_i`` (0 for unperturbed rows) is folded into ``B`` so the
+        per-token work is two batched matmuls. Cached for the current members block.
+        """
+        cached = self._rows.get((name, dtype))
+        if cached is not None and cached[0].shape[0] == members.numel():
+            return cached
+        A, Bf = self.factors(name)  # (K, m, r), (K, n, r)
+        members = members.to(A.device)
+        safe = members.clamp(min=0)
+        idx = self.noise.noise_index(safe)
+        scale = self.noise.sign(safe).to(A.device) * (members >= 0).to(torch.float32)
+        scale = scale * (self.sigma / math.sqrt(self.noise.rank))  # (P,)
+        rows = ((Bf[idx] * scale[:, None, None]).to(dtype),  # (P, n, r)
+                A[idx].transpose(1, 2).to(dtype).contiguous())  # (P, r, m)
+        self._rows[(name, dtype)] = rows
+        return rows
+
     def delta(self, name: str, x: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
         """Per-row perturbation term of weight ``name`` for input ``x (B, ..., n)`` -> ``(B, ..., m)``."""
         p = self.params[name]
         m, n = p.shape
         B = x.shape[0]
-        members = members.to(x.device)
-        valid = members >= 0
-        safe = members.clamp(min=0)
-        idx = self.noise.noise_index(safe)
-        scale = self.noise.sign(safe).to(x.device) * valid.to(torch.float32) * self.sigma  # (B,)
         x3 = x.reshape(B, -1, n)  # (B, T, n)
         if self.noise.full_rank:
+            members = members.to(x.device)
+            valid = members >= 0
+            safe = members.clamp(min=0)
+            scale = self.noise.sign(safe).to(x.device) * valid.to(torch.float32) * self.sigma  # (B,)
             (E,) = self.factors(name)
-            d = torch.bmm(x3, E[idx].to(x.dtype).transpose(1, 2))  # (B, T, m)
+            d = torch.bmm(x3, E[self.noise.noise_index(safe)].to(x.dtype).transpose(1, 2))  # (B, T, m)
+            d = d * scale.to(x.dtype)[:, None, None]
         else:
-            A, Bf = self.factors(name)
-            scale = scale / math.sqrt(self.noise.rank)
-            xb = torch.bmm(x3, Bf[idx].to(x.dtype))  # (B, T, r)
-            d = torch.bmm(xb, A[idx].to(x.dtype).transpose(1, 2))  # (B, T, m)
-        d = d * scale.to(x.dtype)[:, None, None]
+            Bs, At = self._row_factors(name, members, x.dtype)
+            d = torch.bmm(torch.bmm(x3, Bs), At)  # (B, T, r) -> (B, T, m)
         return d.reshape(*x.shape[:-1], m)
+
+    def _add_delta_(self, name: str, x: torch.Tensor, out: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        """``out + delta`` computed in place into ``out`` when autograd is off (one fused baddbmm)."""
+        if self.noise.full_rank or torch.is_grad_enabled() or not out.is_contiguous():
+            return out + self.delta(name, x, members)
+        m, n = self.params[name].shape
+        B = x.shape[0]
+        Bs, At = self._row_factors(name, members, x.dtype)
+        out3 = out.view(B, -1, m)  # (B, T, m)
+        out3.baddbmm_(torch.bmm(x.reshape(B, -1, n), Bs), At)  # += (x B_i s_i) A_i^T
+        return out
 
     def _make_hook(self, p: PerturbedParam):
         def hook(module, args, output):
@@ -213,7 +258,7 @@ class Population:
             if x.shape[0] != members.numel():
                 raise RuntimeError(f"{p.name}: batch has {x.shape[0]} rows but {members.numel()} member ids "
                                    "were given; give one member id per batch row")
-            return output + self.delta(p.name, x, members)
+            return self._add_delta_(p.name, x, output, members)
         return hook
 
     # ---- helpers for tests and naive baselines ------------------------------------------------

@@ -1,9 +1,18 @@
-"""How the engine talks to a model: prefill a left-padded batch, then decode one token at a time.
+"""How the engine talks to a model: a fixed number of slots, each holding one sequence's state.
 
-* ``HFCausalLMAdapter``: any transformers causal LM (KV cache through ``past_key_values``,
-  left padding handled with ``attention_mask`` and explicit ``position_ids``).
-* ``RecurrentAdapter``: models with a fixed-size recurrent state and the interface
-  ``model(input_ids, state=None, attention_mask=None) -> (logits, state)`` (RWKV-7, minGRU).
+The engine allocates the state of ``S`` slots once (``allocate``), prefills new prompts into
+chosen slots (``prefill``), advances every slot by one token (``decode``), frees slots
+(``release``) and, at the end of a run, shrinks the slot count (``compact``). Two adapters:
+
+* ``HFCausalLMAdapter``: any transformers causal LM. Its state is a preallocated key/value cache
+  ``(S, H_kv, L, D)`` per layer (``SlotKVCache``, a transformers ``Cache``): every slot has its
+  own write position, so a refilled slot starts at 0 while its neighbours are mid-sequence. The
+  engine builds the 4D attention mask itself (transformers uses a 4D mask as given), so left
+  padding and stale entries of a reused slot are simply masked out.
+* ``RecurrentAdapter``: models with ``model(input_ids, state=None, attention_mask=None) ->
+  (logits, state)`` and ``init_state(batch)`` (RWKV-7, or any model whose state is a tensor or a
+  tuple of tensors with the batch first). A slot's state is replaced through the state's
+  ``assign(rows, other)``/``select(rows)`` when it has them (``RWKV7State``), else by indexing.
 
 Adapters know nothing of members or sampling: the engine wraps their calls in the population's
 ``members`` block, so every row runs its own member.
@@ -13,48 +22,238 @@ from __future__ import annotations
 import inspect
 
 import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+def _forward_params(model) -> set[str]:
+    fn = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
+    return set(inspect.signature(fn).parameters)
+
+
+# ---- transformers models: per-slot key/value buffers ---------------------------------------------
+class _SlotLayer(CacheLayerMixin):
+    """One layer's ``(S, H_kv, L, D)`` key and value buffers, written where the owner says."""
+
+    is_compileable = True
+
+    def __init__(self, owner: "SlotKVCache"):
+        super().__init__()
+        self.owner = owner
+        self.keys = self.values = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        o = self.owner
+        shape = (o.num_slots, key_states.shape[1], o.max_len)
+        self.keys = key_states.new_zeros(*shape, key_states.shape[-1])
+        self.values = value_states.new_zeros(*shape, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.keys is None:
+            self.lazy_initialization(key_states, value_states)
+        o = self.owner
+        if o.prefill_rows is not None:  # prompts of some slots, positions 0..T-1
+            T = key_states.shape[2]
+            self.keys[o.prefill_rows, :, :T] = key_states
+            self.values[o.prefill_rows, :, :T] = value_states
+            return key_states, value_states  # a prompt attends to itself only
+        rows = o.arange
+        self.keys[rows, :, o.write_pos] = key_states[:, :, 0]  # (S, H, D)
+        self.values[rows, :, o.write_pos] = value_states[:, :, 0]
+        return self.keys[:, :, : o.kv_len], self.values[:, :, : o.kv_len]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.kv_len, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.kv_len
+
+    def get_max_length(self) -> int:
+        return self.owner.max_len
+
+    def select(self, keep: torch.Tensor) -> None:
+        if self.keys is not None:
+            self.keys, self.values = self.keys[keep].contiguous(), self.values[keep].contiguous()
+
+
+class SlotKVCache(Cache):
+    """A static key/value cache of ``num_slots`` sequences of up to ``max_len`` tokens each.
+
+    Per slot: ``write_pos`` (where its next key goes), ``position`` (its next RoPE position, which
+    skips left padding), ``valid (S, L)`` (which cache entries it may attend to) and ``live``.
+    """
+
+    def __init__(self, num_layers: int, num_slots: int, max_len: int, device):
+        self.num_slots, self.max_len = num_slots, max_len
+        self.prefill_rows: torch.Tensor | None = None
+        self.kv_len = 1
+        self.arange = torch.arange(num_slots, device=device)
+        self.write_pos = torch.zeros(num_slots, dtype=torch.long, device=device)  # (S,)
+        self.position = torch.zeros(num_slots, dtype=torch.long, device=device)  # (S,)
+        self.valid = torch.zeros(num_slots, max_len, dtype=torch.bool, device=device)  # (S, L)
+        self.live = torch.zeros(num_slots, dtype=torch.bool, device=device)  # (S,)
+        self.write_pos_host = [0] * num_slots  # mirrors write_pos and live, so kv_len needs no device sync
+        self.live_host = [False] * num_slots
+        super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only slots ``keep`` (in that order): the slot count becomes ``len(keep)``."""
+        idx = torch.as_tensor(keep, dtype=torch.long, device=self.arange.device)
+        for layer in self.layers:
+            layer.select(idx)
+        self.num_slots = len(keep)
+        self.arange = torch.arange(self.num_slots, device=idx.device)
+        self.write_pos, self.position = self.write_pos[idx], self.position[idx]
+        self.valid, self.live = self.valid[idx], self.live[idx]
+        self.write_pos_host = [self.write_pos_host[k] for k in keep]
+        self.live_host = [self.live_host[k] for k in keep]
 
 
 class HFCausalLMAdapter:
     def __init__(self, model):
         self.model = model
-        # transformers >= 5.2x renamed `past_key_values` to `cache`; support both
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = "cache" if "cache" in _forward_params(model) else "past_key_values"
+        cfg = model.config
+        self.num_layers = cfg.get_text_config().num_hidden_layers if hasattr(cfg, "get_text_config") else cfg.num_hidden_layers
 
-    def _cache_of(self, out):
-        return out.cache if hasattr(out, "cache") and out.cache is not None else out.past_key_values
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """-> (last-position logits (B, V), cache)."""
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, logits_to_keep=1)
-        cache = {"kv": self._cache_of(out), "mask": attention_mask, "pos": position_ids[:, -1]}
-        return out.logits[:, -1], cache
+    def slot_bytes(self, max_len: int) -> int:
+        """Bytes of one slot's key/value buffers for ``max_len`` tokens."""
+        cfg = self.model.config
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
+        head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+        return 2 * self.num_layers * kv_heads * head_dim * max_len * self.dtype.itemsize
 
-    def decode(self, tokens: torch.Tensor, cache):
-        """tokens (B,) -> (logits (B, V), cache)."""
-        mask = torch.cat([cache["mask"], cache["mask"].new_ones(tokens.shape[0], 1)], dim=1)
-        pos = cache["pos"] + 1
-        out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=pos[:, None],
-                         use_cache=True, **{self._cache_kw: cache["kv"]})
-        return out.logits[:, -1], {"kv": self._cache_of(out), "mask": mask, "pos": pos}
+    def allocate(self, num_slots: int, max_len: int, device) -> SlotKVCache:
+        return SlotKVCache(self.num_layers, num_slots, max_len, device)
+
+    def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """bool ``(B, Tq, Tk)`` -> additive float ``(B, 1, Tq, Tk)`` in the model's dtype."""
+        dtype = self.dtype
+        m = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return m.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+    def prefill(self, cache: SlotKVCache, rows: list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Left-padded prompts ``(R, T)`` into slots ``rows`` -> last-position logits ``(R, V)``."""
+        R, T = input_ids.shape
+        if T > cache.max_len:
+            raise ValueError(f"prompt length {T} exceeds the cache length {cache.max_len}")
+        keys_ok = attention_mask.bool()  # (R, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+        # a padding query sees itself, so no row of the mask is empty (no NaN in the cached pads)
+        allowed = (causal & keys_ok[:, None, :]) | torch.eye(T, dtype=torch.bool, device=input_ids.device)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (R, T)
+        idx = torch.as_tensor(rows, dtype=torch.long, device=input_ids.device)
+        cache.prefill_rows = idx
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=self._mask(allowed), position_ids=position_ids,
+                             use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        finally:
+            cache.prefill_rows = None
+        cache.valid[idx] = False
+        cache.valid[idx, :T] = keys_ok
+        cache.write_pos[idx] = T
+        cache.position[idx] = position_ids[:, -1] + 1
+        cache.live[idx] = True
+        for r in rows:
+            cache.write_pos_host[r], cache.live_host[r] = T, True
+        return out.logits[:, -1]
+
+    def decode(self, cache: SlotKVCache, tokens: torch.Tensor) -> torch.Tensor:
+        """One token per slot ``(S,)`` -> next-token logits ``(S, V)``; free slots compute garbage."""
+        if max(cache.write_pos_host) >= cache.max_len:
+            raise RuntimeError(f"slot cache of length {cache.max_len} is full")
+        cache.valid[cache.arange, cache.write_pos] = True
+        cache.kv_len = max(cache.write_pos_host) + 1
+        mask = self._mask(cache.valid[:, None, : cache.kv_len])  # (S, 1, 1, kv_len)
+        out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=cache.position[:, None],
+                         use_cache=True, **{self._cache_kw: cache})
+        cache.write_pos += cache.live
+        cache.position += cache.live
+        cache.write_pos_host = [w + live for w, live in zip(cache.write_pos_host, cache.live_host)]
+        return out.logits[:, -1]
+
+    def release(self, cache: SlotKVCache, rows: list[int]) -> None:
+        """Free slots: they keep decoding (into position 0, attending to it alone) until refilled."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=cache.arange.device)
+        cache.valid[idx] = False
+        cache.write_pos[idx] = 0
+        cache.position[idx] = 0
+        cache.live[idx] = False
+        for r in rows:
+            cache.write_pos_host[r], cache.live_host[r] = 0, False
+
+    def compact(self, cache: SlotKVCache, keep: list[int]) -> SlotKVCache:
+        cache.select(keep)
+        return cache
+
+
+# ---- recurrent models: fixed-size state per row ----------------------------------------------------
+def _split(out):
+    return (out.logits, out.state) if hasattr(out, "logits") else out
 
 
 class RecurrentAdapter:
     def __init__(self, model):
         self.model = model
+        self._keep_kw = "logits_to_keep" in _forward_params(model)
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        out = self.model(input_ids, state=None, attention_mask=attention_mask)
-        logits, state = (out.logits, out.state) if hasattr(out, "logits") else out
+    def _init_state(self, n: int, device):
+        try:
+            return self.model.init_state(n, device=device)
+        except TypeError:
+            return self.model.init_state(n)
+
+    def slot_bytes(self, max_len: int) -> int:
+        state = self._init_state(1, "cpu")
+        tensors = [getattr(state, k) for k in vars(state)] if hasattr(state, "__dict__") and not torch.is_tensor(state) else state
+        tensors = [tensors] if torch.is_tensor(tensors) else list(tensors)
+        return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+    def allocate(self, num_slots: int, max_len: int, device):
+        return {"state": self._init_state(num_slots, device)}
+
+    def _forward(self, input_ids, state, attention_mask=None, keep_last=False):
+        kw = {"logits_to_keep": 1} if keep_last and self._keep_kw else {}
+        logits, state = _split(self.model(input_ids, state=state, attention_mask=attention_mask, **kw))
         return logits[:, -1], state
 
-    def decode(self, tokens: torch.Tensor, state):
-        out = self.model(tokens[:, None], state=state)
-        logits, state = (out.logits, out.state) if hasattr(out, "logits") else out
-        return logits[:, -1], state
+    def prefill(self, slots: dict, rows: list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        logits, new = self._forward(input_ids, None, attention_mask, keep_last=True)
+        idx = torch.as_tensor(rows, dtype=torch.long, device=input_ids.device)
+        state = slots["state"]
+        if torch.is_tensor(state):
+            state[idx] = new.to(state.dtype)
+        elif hasattr(state, "assign"):
+            state.assign(idx, new)
+        else:
+            for s, n in zip(state, new):
+                s[idx] = n.to(s.dtype)
+        return logits
+
+    def decode(self, slots: dict, tokens: torch.Tensor) -> torch.Tensor:
+        logits, slots["state"] = self._forward(tokens[:, None], slots["state"])
+        return logits
+
+    def release(self, slots: dict, rows: list[int]) -> None:
+        pass  # a refilled slot's state is overwritten whole by the next prefill
+
+    def compact(self, slots: dict, keep: list[int]) -> dict:
+        state = slots["state"]
+        idx = torch.as_tensor(keep, dtype=torch.long)
+        if torch.is_tensor(state):
+            state = state[idx.to(state.device)]
+        elif hasattr(state, "select"):
+            state = state.select(idx)
+        else:
+            state = type(state)(s[idx.to(s.device)] for s in state)
+        return {"state": state}
 
 
 def adapter_for(model):

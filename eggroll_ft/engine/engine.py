@@ -1,13 +1,18 @@
-"""Population generation engine.
+"""Population generation engine: continuous batching over a fixed number of slots.
 
 The engine knows nothing of rewards or of the update: it turns prompt token ids and member ids
 into completion ids. Each job is ``(prompt ids, member id, seed, sampling parameters)``; rows of a
 batch run different members through the population hooks (``Population.members``), so a whole
-population decodes as one batched inference.
+population decodes as one batched inference (EGGROLL, arXiv 2511.16652, Sec. 3: the per-row
+low-rank term rides along the shared ``x W^T``).
 
-Jobs are processed in chunks of at most ``max_sequences_in_flight`` rows. Sampling is keyed by
-each job's seed (``sampling.sample_tokens``), so a job's completion does not depend on the chunk
-or slot it ran in. A row finishes on an EOS token, on a stop string, or at ``max_new_tokens``.
+Like vLLM's scheduler, the engine keeps ``S`` slots in flight: the state of all slots (a static
+key/value cache, or the recurrent state) is allocated once, and when a row finishes its slot is
+refilled with the next job, so a population larger than ``S`` streams through the same memory.
+``S`` is ``max_sequences_in_flight``, or what ``memory_budget_bytes`` allows, or the job count.
+Sampling is keyed by each job's seed and token position (``sampling.sample_tokens``), so a job's
+completion does not depend on the slot or batch it ran in. A row finishes on an EOS token
+(``"eos"``), on a stop string (``"stop"``), or after ``max_new_tokens`` (``"length"``).
 """
 from __future__ import annotations
 
@@ -36,34 +41,80 @@ class GenerationOutput:
 
 def _per_job(value, n: int, dtype) -> torch.Tensor:
     t = torch.as_tensor(value, dtype=dtype)
-    return t.expand(n).clone() if t.dim() == 0 else t
+    return t.expand(n).clone() if t.dim() == 0 else t.flatten()
 
 
 class PopulationEngine:
     """Batched generation where every row may be a different population member.
 
     >>> engine = PopulationEngine(model, population=pop, eos_token_ids=[tok.eos_token_id],  # doctest: +SKIP
-    ...                           pad_token_id=tok.pad_token_id)
+    ...                           pad_token_id=tok.pad_token_id, max_sequences_in_flight=256)
     >>> out = engine.generate(prompt_ids, members=torch.arange(8), seeds=torch.arange(8),     # doctest: +SKIP
     ...                       max_new_tokens=32, sampling=SamplingParams(greedy=True))
     """
 
     def __init__(self, model, population=None, eos_token_ids=(), pad_token_id: int = 0,
-                 max_sequences_in_flight: int | None = None, tokenizer=None, stop_strings=None):
+                 max_sequences_in_flight: int | None = None, tokenizer=None, stop_strings=None,
+                 memory_budget_bytes: int | None = None, continuous_batching: bool = True,
+                 refill_fraction: float = 0.0):
+        """``max_sequences_in_flight``: slot count ``S`` (default: from ``memory_budget_bytes``,
+        else all jobs at once). ``memory_budget_bytes``: bytes the slots' state and per-slot working
+        memory may use (see ``slot_bytes``). ``continuous_batching=False`` refills only when every
+        slot is free (static batching, for comparison). ``refill_fraction``: refill once at least
+        this fraction of the slots is free (0: as soon as one is), trading idle slots for fewer,
+        larger prefill calls."""
+        if max_sequences_in_flight is not None and max_sequences_in_flight < 1:
+            raise ValueError(f"max_sequences_in_flight={max_sequences_in_flight} must be >= 1")
+        if memory_budget_bytes is not None and memory_budget_bytes <= 0:
+            raise ValueError(f"memory_budget_bytes={memory_budget_bytes} must be > 0")
+        if not 0 <= refill_fraction <= 1:
+            raise ValueError(f"refill_fraction={refill_fraction} must lie in [0, 1]")
         self.model = model
         self.population = population
         self.adapter = adapter_for(model)
         self.eos_token_ids = sorted({int(e) for e in eos_token_ids if e is not None})
         self.pad_token_id = int(pad_token_id)
         self.max_sequences_in_flight = max_sequences_in_flight
+        self.memory_budget_bytes = memory_budget_bytes
+        self.continuous_batching = continuous_batching
+        self.refill_fraction = refill_fraction
         self.stop_strings = list(stop_strings or [])
         if self.stop_strings and tokenizer is None:
             raise ValueError("stop_strings need a tokenizer to decode completions")
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise ValueError(f"stop_strings={self.stop_strings!r} must be non-empty strings")
         self.tokenizer = tokenizer
+        # a new stop string ends inside the last few tokens: a token decodes to >= 1 byte, a char to <= 4 bytes
+        self._stop_window = 4 * max((len(s) for s in self.stop_strings), default=0) + 4
+        self.last_num_slots = 0  # slot count of the last generate call (for logs and benchmarks)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def slot_bytes(self, max_len: int) -> int:
+        """Estimated bytes per slot: its state for ``max_len`` tokens, sampling buffers over the
+        vocabulary (about eight float32/int64 ``(V,)`` rows) and its per-row low-rank factors."""
+        vocab = self.model.get_output_embeddings().weight.shape[0] if hasattr(self.model, "get_output_embeddings") \
+            and self.model.get_output_embeddings() is not None else 0
+        factors = 0
+        if self.population is not None:
+            rank = self.population.noise.rank
+            itemsize = next(self.model.parameters()).element_size()
+            factors = 2 * rank * itemsize * sum(m + n for m, n in (p.shape for p in self.population.params.values()))
+        return self.adapter.slot_bytes(max_len) + 8 * 8 * vocab + factors
+
+    def num_slots(self, num_jobs: int, max_len: int) -> int:
+        """Slots for a run: ``max_sequences_in_flight``, else what the memory budget fits, else all jobs."""
+        if self.max_sequences_in_flight is not None:
+            return max(1, min(num_jobs, self.max_sequences_in_flight))
+        if self.memory_budget_bytes is not None:
+            fit = self.memory_budget_bytes // max(self.slot_bytes(max_len), 1)
+            if fit < 1:
+                raise ValueError(f"memory_budget_bytes={self.memory_budget_bytes} is below one slot "
+                                 f"({self.slot_bytes(max_len)} bytes for {max_len} tokens)")
+            return int(min(num_jobs, fit))
+        return num_jobs
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], members=None, seeds=None, max_new_tokens: int = 64,
@@ -79,62 +130,111 @@ class PopulationEngine:
             return GenerationOutput([], [])
         if any(len(p) == 0 for p in prompt_ids):
             raise ValueError("every prompt must have at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
         sp = sampling or SamplingParams()
-        members = _per_job(-1 if members is None else members, J, torch.long)
-        seeds = _per_job(0 if seeds is None else seeds, J, torch.long)
-        temp = _per_job(sp.temperature if temperature is None else temperature, J, torch.float32)
-        tp = _per_job(sp.top_p if top_p is None else top_p, J, torch.float32)
-        tk = _per_job(sp.top_k if top_k is None else top_k, J, torch.long)
-        gr = _per_job(sp.greedy if greedy is None else greedy, J, torch.bool)
-        if members.numel() != J or seeds.numel() != J:
-            raise ValueError(f"{J} prompts but {members.numel()} member ids and {seeds.numel()} seeds")
-        chunk = self.max_sequences_in_flight or J
-        ids: list[list[int]] = []
-        reasons: list[str] = []
-        for start in range(0, J, chunk):
-            sl = slice(start, min(start + chunk, J))
-            c_ids, c_reasons = self._generate_chunk(prompt_ids[sl], members[sl], seeds[sl], max_new_tokens,
-                                                    temp[sl], tk[sl], tp[sl], gr[sl])
-            ids += c_ids
-            reasons += c_reasons
-        return GenerationOutput(ids, reasons)
+        jobs = {
+            "member": _per_job(-1 if members is None else members, J, torch.long),
+            "seed": _per_job(0 if seeds is None else seeds, J, torch.long),
+            "temperature": _per_job(sp.temperature if temperature is None else temperature, J, torch.float32),
+            "top_k": _per_job(sp.top_k if top_k is None else top_k, J, torch.long),
+            "top_p": _per_job(sp.top_p if top_p is None else top_p, J, torch.float32),
+            "greedy": _per_job(sp.greedy if greedy is None else greedy, J, torch.bool),
+        }
+        for name, t in jobs.items():
+            if t.numel() != J:
+                raise ValueError(f"{J} prompts but {t.numel()} values of {name}")
+        if self.population is None and bool((jobs["member"] >= 0).any()):
+            raise ValueError("member ids >= 0 need a population")
+        max_len = max(len(p) for p in prompt_ids) + max_new_tokens
+        return self._run(prompt_ids, jobs, max_new_tokens, self.num_slots(J, max_len), max_len)
 
-    def _generate_chunk(self, prompts, members, seeds, max_new_tokens, temp, top_k, top_p, greedy):
-        device = self.device
-        B = len(prompts)
-        T = max(len(p) for p in prompts)
-        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((B, T), dtype=torch.long)
-        for b, p in enumerate(prompts):  # left padding
-            input_ids[b, T - len(p):] = torch.as_tensor(p, dtype=torch.long)
-            mask[b, T - len(p):] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        seeds, temp, top_k, top_p, greedy = (x.to(device) for x in (seeds, temp, top_k, top_p, greedy))
-        eos = torch.as_tensor(self.eos_token_ids, dtype=torch.long, device=device)
-        ctx = self.population.members(members) if self.population is not None else nullcontext()
-        out = torch.full((B, max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        reason = [FINISH_LENGTH] * B
-        lengths = [max_new_tokens] * B
-        with ctx:
-            logits, cache = self.adapter.prefill(input_ids, mask)  # (B, V)
-            for t in range(max_new_tokens):
-                pos = torch.full((B,), t, dtype=torch.long, device=device)
-                tok = sample_tokens(logits, seeds, pos, temp, top_k, top_p, greedy)  # (B,)
-                tok = torch.where(done, torch.full_like(tok, self.pad_token_id), tok)
-                out[:, t] = tok
-                newly = ~done & torch.isin(tok, eos) if eos.numel() else torch.zeros_like(done)
-                for b in newly.nonzero().flatten().tolist():
-                    reason[b], lengths[b] = FINISH_EOS, t + 1
-                done |= newly
-                if self.stop_strings:
-                    for b in (~done).nonzero().flatten().tolist():
-                        text = self.tokenizer.decode(out[b, : t + 1].tolist())
-                        if any(s in text for s in self.stop_strings):
-                            done[b] = True
-                            reason[b], lengths[b] = FINISH_STOP, t + 1
-                if bool(done.all()) or t == max_new_tokens - 1:
-                    break
-                logits, cache = self.adapter.decode(tok, cache)
-        out_list = out.tolist()
-        return [out_list[b][: lengths[b]] for b in range(B)], reason
+    # ---- the scheduler ---------------------------------------------------------------------------
+    def _members_ctx(self, member_ids: torch.Tensor):
+        return self.population.members(member_ids) if self.population is not None else nullcontext()
+
+    def _run(self, prompts, jobs, max_new_tokens, S, max_len) -> GenerationOutput:
+        device, J = self.device, len(prompts)
+        jobs = {k: v.to(device) for k, v in jobs.items()}
+        self.last_num_slots = S
+        adapter = self.adapter
+        state = adapter.allocate(S, max_len, device)
+        slot_job = [-1] * S  # job of each slot, -1 when free
+        slot = {k: v[:1].expand(S).clone() for k, v in jobs.items()}  # per-slot copies of the job fields
+        slot["member"].fill_(-1)
+        slot_pos = torch.zeros(S, dtype=torch.long, device=device)  # sampling position of each slot
+        out: list[list[int]] = [[] for _ in range(J)]
+        reasons = [FINISH_LENGTH] * J
+        eos = set(self.eos_token_ids)
+        next_job = 0
+        logits = None
+
+        def refill(free: list[int]):
+            nonlocal next_job, logits
+            take = free[: J - next_job]
+            job_idx = list(range(next_job, next_job + len(take)))
+            next_job += len(take)
+            rows = torch.tensor(take, device=device)
+            jidx = torch.tensor(job_idx, device=device)
+            for k in slot:  # in place: the members tensor's version tells the population to regather
+                slot[k][rows] = jobs[k][jidx]
+            slot_pos[rows] = 0
+            for s, j in zip(take, job_idx):
+                slot_job[s] = j
+            T = max(len(prompts[j]) for j in job_idx)
+            ids = torch.full((len(take), T), self.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(take), T), dtype=torch.long)
+            for b, j in enumerate(job_idx):  # left padding
+                ids[b, T - len(prompts[j]):] = torch.as_tensor(prompts[j], dtype=torch.long)
+                mask[b, T - len(prompts[j]):] = 1
+            with self._members_ctx(jobs["member"][jidx]):
+                new = adapter.prefill(state, take, ids.to(device), mask.to(device))  # (R, V)
+            if logits is None:
+                logits = new.new_zeros(S, new.shape[-1])
+            logits[rows] = new.to(logits.dtype)
+
+        refill(list(range(S)))
+        while True:
+            tok = sample_tokens(logits, slot["seed"], slot_pos, slot["temperature"], slot["top_k"],
+                                slot["top_p"], slot["greedy"])  # (S,)
+            slot_pos += 1
+            finished = []
+            for s, t in enumerate(tok.tolist()):
+                j = slot_job[s]
+                if j < 0:
+                    continue
+                out[j].append(t)
+                if t in eos:
+                    reasons[j] = FINISH_EOS
+                elif self.stop_strings and self._hits_stop(out[j]):
+                    reasons[j] = FINISH_STOP
+                elif len(out[j]) < max_new_tokens:
+                    continue
+                finished.append(s)
+            for s in finished:
+                slot_job[s] = -1
+            live = [s for s in range(len(slot_job)) if slot_job[s] >= 0]
+            if not live and next_job >= J:
+                break
+            if live:
+                with self._members_ctx(slot["member"]):
+                    logits = adapter.decode(state, tok)  # (S, V)
+            if finished:
+                adapter.release(state, finished)
+            free = [s for s in range(len(slot_job)) if slot_job[s] < 0]
+            if next_job < J and free:
+                enough = len(free) >= max(1, int(self.refill_fraction * len(slot_job)))
+                if not live or (self.continuous_batching and enough):
+                    refill(free)
+            elif next_job >= J and len(live) <= len(slot_job) // 2:
+                # the queue is empty: shrink to the live slots so the tail decodes a smaller batch
+                state = adapter.compact(state, live)
+                keep = torch.tensor(live, device=device)
+                slot = {k: v[keep] for k, v in slot.items()}
+                slot_pos, logits = slot_pos[keep], logits[keep]
+                slot_job = [slot_job[s] for s in live]
+        return GenerationOutput(out, reasons)
+
+    def _hits_stop(self, completion: list[int]) -> bool:
+        text = self.tokenizer.decode(completion[-self._stop_window:])
+        return any(s in text for s in self.stop_strings)

@@ -1,0 +1,241 @@
+"""Population engine: exactness against HF generate and dense members, continuous batching,
+seeded sampling, EOS / stop strings, recurrent models, memory budget."""
+from contextlib import nullcontext
+
+import pytest
+import torch
+from torch import nn
+
+from eggroll_ft import NoiseConfig, Population
+from eggroll_ft.engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, PopulationEngine, SamplingParams
+from eggroll_ft.testing import char_tokenizer, tiny_gpt2, tiny_llama
+
+TEXTS = ["hello", "ab", "the cat sat", "x", "zz top", "q", "lorem ipsum", "12+3=", "ok", "a b c d e"]
+GREEDY = SamplingParams(greedy=True)
+SAMPLE = SamplingParams(temperature=1.3, top_k=20, top_p=0.95)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny ops on a shared, oversubscribed CPU run far faster single-threaded; restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+def _setup(tok, make=tiny_llama, rank=1, N=8):
+    model = make(len(tok), init_std=0.25)
+    pop = Population(model, NoiseConfig(seed=0, rank=rank), N, sigma=0.1)
+    pop.set_step(3)
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    members = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, -1, 2])
+    return model, pop, prompts, members
+
+
+def _engine(model, pop, tok=None, **kw):
+    return PopulationEngine(model, pop, eos_token_ids=kw.pop("eos", []), pad_token_id=0, tokenizer=tok, **kw)
+
+
+@pytest.mark.parametrize("make,rank", [(tiny_llama, 1), (tiny_gpt2, 2)], ids=["llama-r1", "gpt2-r2"])
+def test_greedy_equals_hf_generate_row_by_row(tok, make, rank):
+    model, pop, prompts, members = _setup(tok, make, rank)
+    out = _engine(model, pop, max_sequences_in_flight=4).generate(prompts, members, max_new_tokens=10,
+                                                                  sampling=GREEDY)
+    batch = tok.pad({"input_ids": prompts}, return_tensors="pt")
+    with torch.no_grad(), pop.members(members):
+        ref = model.generate(**batch, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    ref = ref[:, batch["input_ids"].shape[1]:].tolist()
+    assert out.completion_ids == ref
+    assert out.lengths == [10] * len(prompts) and set(out.finish_reasons) == {FINISH_LENGTH}
+    assert len({tuple(c) for c in out.completion_ids}) > 5  # members really differ
+
+
+def test_greedy_equals_dense_member_weights(tok):
+    model, pop, prompts, members = _setup(tok)
+    out = _engine(model, pop, max_sequences_in_flight=3).generate(prompts, members, max_new_tokens=8, sampling=GREEDY)
+    plain = _engine(model, None)
+    for j, m in enumerate(members.tolist()):
+        with pop.materialized(m) if m >= 0 else nullcontext():  # W + sigma * E_m in place
+            dense = plain.generate([prompts[j]], max_new_tokens=8, sampling=GREEDY)
+        assert out.completion_ids[j] == dense.completion_ids[0], (j, m)
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLE], ids=["greedy", "sampled"])
+def test_continuous_batching_equals_one_batch(tok, sampling):
+    model, pop, prompts, members = _setup(tok)
+    J = 3 * len(prompts)  # 30 jobs, each prompt answered by three members
+    jobs_prompts = prompts * 3
+    jobs_members = torch.cat([members, members.roll(1), members.roll(2)])
+    seeds = torch.arange(J) * 7 + 1
+    # EOS = a common character, so rows end at different steps and slots are refilled mid-flight
+    eos = [tok.convert_tokens_to_ids("e"), tok.convert_tokens_to_ids("a")]
+    ref_engine = _engine(model, pop, eos=eos)
+    ref = ref_engine.generate(jobs_prompts, jobs_members, seeds, max_new_tokens=12, sampling=sampling)
+    assert ref_engine.last_num_slots == J
+    assert FINISH_EOS in ref.finish_reasons and FINISH_LENGTH in ref.finish_reasons
+    for slots, kw in [(2, {}), (4, {}), (7, {"refill_fraction": 0.5}), (4, {"continuous_batching": False})]:
+        eng = _engine(model, pop, eos=eos, max_sequences_in_flight=slots, **kw)
+        out = eng.generate(jobs_prompts, jobs_members, seeds, max_new_tokens=12, sampling=sampling)
+        assert eng.last_num_slots == slots
+        assert out.completion_ids == ref.completion_ids, (slots, kw)
+        assert out.finish_reasons == ref.finish_reasons
+
+
+def test_seeded_sampling_reproduces_across_runs_and_slot_orders(tok):
+    model, pop, prompts, members = _setup(tok)
+    seeds = torch.arange(len(prompts)) + 100
+    eng = _engine(model, pop, max_sequences_in_flight=3)
+    a = eng.generate(prompts, members, seeds, max_new_tokens=10, sampling=SAMPLE)
+    b = eng.generate(prompts, members, seeds, max_new_tokens=10, sampling=SAMPLE)
+    assert a.completion_ids == b.completion_ids
+    perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(0)).tolist()
+    c = _engine(model, pop, max_sequences_in_flight=4).generate(
+        [prompts[i] for i in perm], members[perm], seeds[perm], max_new_tokens=10, sampling=SAMPLE)
+    assert [c.completion_ids[perm.index(j)] for j in range(len(prompts))] == a.completion_ids
+    d = eng.generate(prompts, members, seeds + 1, max_new_tokens=10, sampling=SAMPLE)
+    assert sum(x != y for x, y in zip(a.completion_ids, d.completion_ids)) >= len(prompts) // 2
+    g = eng.generate(prompts, members, seeds, max_new_tokens=10, sampling=GREEDY)
+    assert g.completion_ids != a.completion_ids
+
+
+def test_eos_and_stop_strings_end_rows(tok):
+    model, pop, prompts, members = _setup(tok)
+    full = _engine(model, pop).generate(prompts, members, max_new_tokens=16, sampling=GREEDY).completion_ids
+    eos_id = full[0][4]  # a token job 0 produces at step 5
+    out = _engine(model, pop, eos=[eos_id], max_sequences_in_flight=3).generate(
+        prompts, members, max_new_tokens=16, sampling=GREEDY)
+    for j, row in enumerate(full):
+        end = row.index(eos_id) + 1 if eos_id in row else len(row)
+        assert out.completion_ids[j] == row[:end]
+        assert out.finish_reasons[j] == (FINISH_EOS if eos_id in row else FINISH_LENGTH)
+    assert out.lengths[0] <= 5 and out.finish_reasons[0] == FINISH_EOS
+
+    text = tok.decode(full[1])
+    stop = text[6:8]  # two characters job 1 writes at steps 7-8
+    out = _engine(model, pop, tok, stop_strings=[stop], max_sequences_in_flight=4).generate(
+        prompts, members, max_new_tokens=16, sampling=GREEDY)
+    for j, row in enumerate(full):
+        cut = next((t for t in range(1, len(row) + 1) if stop in tok.decode(row[:t])), None)
+        assert out.completion_ids[j] == row[: cut or len(row)]
+        assert out.finish_reasons[j] == (FINISH_STOP if cut else FINISH_LENGTH)
+    assert out.finish_reasons[1] == FINISH_STOP and out.lengths[1] <= 8
+    assert tok.decode(out.completion_ids[1]).endswith(stop)
+
+
+def test_memory_budget_sets_slot_count_and_errors(tok):
+    model, pop, prompts, members = _setup(tok)
+    max_len = max(map(len, prompts)) + 6
+    per_slot = _engine(model, pop).slot_bytes(max_len)
+    eng = _engine(model, pop, memory_budget_bytes=3 * per_slot + 1)
+    out = eng.generate(prompts, members, max_new_tokens=6, sampling=GREEDY)
+    assert eng.last_num_slots == 3
+    assert out.completion_ids == _engine(model, pop).generate(prompts, members, max_new_tokens=6,
+                                                               sampling=GREEDY).completion_ids
+    with pytest.raises(ValueError, match="memory_budget_bytes=10 is below one slot"):
+        _engine(model, pop, memory_budget_bytes=10).generate(prompts, members, max_new_tokens=6)
+    with pytest.raises(ValueError, match="max_sequences_in_flight=0"):
+        _engine(model, pop, max_sequences_in_flight=0)
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        _engine(model, pop).generate(prompts, members, max_new_tokens=0)
+    with pytest.raises(ValueError, match="10 prompts but 3 values of member"):
+        _engine(model, pop).generate(prompts, torch.tensor([0, 1, 2]), max_new_tokens=2)
+    with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
+        _engine(model, pop, stop_strings=["x"])
+
+
+def test_population_row_cache_follows_in_place_member_changes():
+    model = tiny_llama(40, init_std=0.25)
+    pop = Population(model, NoiseConfig(seed=0, rank=2), 6, sigma=0.2)
+    ids = torch.randint(4, 40, (3, 5), generator=torch.Generator().manual_seed(0))
+    slots = torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        with pop.members(slots):
+            first = model(ids).logits
+        slots[1] = 4  # the engine refills a slot in place
+        with pop.members(slots):
+            cached = model(ids).logits
+        with pop.members(torch.tensor([0, 4, 2])):
+            fresh = model(ids).logits
+        pop.set_step(1)  # new noise
+        with pop.members(slots):
+            step1 = model(ids).logits
+    assert torch.equal(cached, fresh)
+    assert torch.equal(cached[0], first[0]) and not torch.allclose(cached[1], first[1])
+    assert not torch.allclose(step1[0], first[0])
+
+
+# ---- recurrent models ---------------------------------------------------------------------------
+class TinyRecurrentLM(nn.Module):
+    """An Elman-style LM with the recurrent interface: ``(logits, state)``, state ``(B, H)``;
+    left padding (mask 0) leaves the state untouched."""
+
+    def __init__(self, vocab: int, hidden: int = 24, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(vocab, hidden)
+        self.inp = nn.Linear(hidden, hidden)
+        self.rec = nn.Linear(hidden, hidden, bias=False)
+        self.head = nn.Linear(hidden, vocab)
+        nn.init.normal_(self.head.weight, std=0.5)
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def init_state(self, batch: int, device=None):
+        return torch.zeros(batch, self.rec.weight.shape[0], device=device)
+
+    def forward(self, input_ids, state=None, attention_mask=None):
+        B, T = input_ids.shape
+        h = self.init_state(B, input_ids.device) if state is None else state
+        x = self.emb(input_ids)
+        outs = []
+        for t in range(T):
+            new = torch.tanh(self.inp(x[:, t]) + self.rec(h))
+            if attention_mask is not None:
+                new = torch.where(attention_mask[:, t, None].bool(), new, h)
+            h = new
+            outs.append(h)
+        return self.head(torch.stack(outs, 1)), h
+
+
+def test_recurrent_model_matches_member_by_member_reference(tok):
+    model = TinyRecurrentLM(len(tok))
+    pop = Population(model, NoiseConfig(seed=2, rank=1), 8, sigma=0.3)
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    members = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, -1, 2])
+    ref = _engine(model, pop).generate(prompts, members, max_new_tokens=8, sampling=GREEDY)
+    out = _engine(model, pop, max_sequences_in_flight=3).generate(prompts, members, max_new_tokens=8, sampling=GREEDY)
+    assert out.completion_ids == ref.completion_ids
+    for j, m in enumerate(members.tolist()):  # a plain loop: dense W + sigma E_m, one row, no padding
+        with torch.no_grad(), pop.materialized(m) if m >= 0 else nullcontext():
+            logits, h = model(torch.tensor([prompts[j]]))
+            row = []
+            for _ in range(8):
+                row.append(int(logits[0, -1].argmax()))
+                logits, h = model(torch.tensor([[row[-1]]]), h)
+        assert out.completion_ids[j] == row, j
+    s1 = _engine(model, pop).generate(prompts, members, torch.arange(10), max_new_tokens=8, sampling=SAMPLE)
+    s2 = _engine(model, pop, max_sequences_in_flight=4).generate(prompts, members, torch.arange(10),
+                                                                  max_new_tokens=8, sampling=SAMPLE)
+    assert s1.completion_ids == s2.completion_ids
+
+
+def test_rwkv7_slots_match_one_batch_and_model_greedy():
+    rwkv7 = pytest.importorskip("eggroll_ft.models.rwkv7")
+    torch.manual_seed(0)
+    model = rwkv7.RWKV7ForCausalLM(rwkv7.RWKV7Config.from_size(64, 2, vocab_size=97, head_size=16)).eval()
+    pop = Population(model, NoiseConfig(seed=0, rank=1), 4, sigma=0.1)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (3, 5, 2, 4, 6, 1)]
+    members = torch.tensor([0, 1, 2, 3, -1, 1])
+    ref = _engine(model, pop).generate(prompts, members, max_new_tokens=6, sampling=GREEDY)
+    out = _engine(model, pop, max_sequences_in_flight=2).generate(prompts, members, max_new_tokens=6, sampling=GREEDY)
+    assert out.completion_ids == ref.completion_ids
+    plain = model.greedy(torch.tensor([prompts[4]]), 6)[0].tolist()  # member -1 = the plain model
+    assert out.completion_ids[4] == plain
