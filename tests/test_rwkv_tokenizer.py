@@ -43,8 +43,7 @@ def test_special_tokens_and_vocab(tok):
     assert tok.decode(ids + [0, 0], skip_special_tokens=True) == "Hi there"
     assert tok.decode(ids + [0]) == "Hi there<|endoftext|>"
     assert 0 not in tok.encode(TEXT)  # text never encodes to end-of-text
-    with pytest.raises(ValueError, match="65535"):
-        tok.decode([65535])
+    assert tok.decode(ids + [65535, 65530]) == "Hi there"  # the models' 6 spare ids decode to nothing
 
 
 def test_batch_call_pads_left_by_default(tok):

@@ -181,7 +181,9 @@ class RWKVWorldTokenizer:
     # ---- decoding ----------------------------------------------------------------------------------
     def decode(self, token_ids, skip_special_tokens: bool = False, **_) -> str:
         """Text of ``token_ids``. Id 0 is dropped with ``skip_special_tokens``, else shown as
-        ``eos_token``. A sequence cut inside a multi-byte character decodes with U+FFFD."""
+        ``eos_token``. Ids outside the vocabulary (65530..65535 exist in the models' embedding, and
+        a perturbed model may sample them) decode to nothing, as in HF tokenizers. A sequence cut
+        inside a multi-byte character decodes with U+FFFD."""
         if isinstance(token_ids, torch.Tensor):
             token_ids = token_ids.tolist()
         if isinstance(token_ids, int):
@@ -194,10 +196,7 @@ class RWKVWorldTokenizer:
                     out.append(self.eos_token)
                     buf = []
                 continue
-            piece = self._id_to_bytes.get(int(i))
-            if piece is None:
-                raise ValueError(f"token id {i} is not in the RWKV World vocabulary (1..{self.vocab_size - 1})")
-            buf.append(piece)
+            buf.append(self._id_to_bytes.get(int(i), b""))  # ids 65530..65535 (embedding padding) decode to ""
         out.append(b"".join(buf).decode("utf-8", errors="replace"))
         return "".join(out)
 
