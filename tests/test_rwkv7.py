@@ -259,6 +259,8 @@ def test_save_pretrained_round_trip_is_exact(tmp_path):
     ids = torch.randint(1, 300, (2, 5))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)
+    (tmp_path / "m" / "config.json").unlink()  # as transformers.Trainer saves a non-PreTrainedModel
+    assert RWKV7ForCausalLM.from_pretrained(tmp_path / "m").config == model.config
     half = RWKV7ForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
 

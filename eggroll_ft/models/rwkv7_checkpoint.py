@@ -175,6 +175,8 @@ def load_any(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     if not cfg and len(pths) == 1:
         return load_any(pths[0])
     sd = _load_safetensors_dir(p)
+    if "blocks.0.att.r_k" in sd:  # our names without our config.json (a transformers.Trainer checkpoint)
+        return config_from_official(native_to_official(sd)), sd
     if not any(k.startswith("model.layers.") for k in sd):
         raise ValueError(f"{str(path)!r}: safetensors keys are neither ours nor fla's RWKV-7 (e.g. {next(iter(sd))!r})")
     layers = _num_layers(sd, r"model\.layers\.(\d+)\.")
