@@ -32,6 +32,8 @@ from transformers import Trainer
 from transformers.trainer_utils import set_seed
 
 from .config import EggrollConfig
+from .distributed import (check_replicas_equal, default_chunk_size, gather_objects, local_chunks, raise_first_error,
+                          stack_rows, warn_if_cpu_multiprocess_ignored)
 from .engine import PopulationEngine, SamplingParams
 from .es_update import apply_es_update, is_plain_sgd
 from .models.loading import load_causal_lm, load_tokenizer
@@ -97,6 +99,7 @@ class EggrollTrainer(Trainer):
         if not isinstance(args, EggrollConfig):
             raise TypeError(f"args must be an EggrollConfig, got {type(args).__name__}")
         set_seed(args.seed)
+        warn_if_cpu_multiprocess_ignored()
         model_id = model if isinstance(model, str) else None
         if isinstance(model, str):
             model = load_causal_lm(model, **(args.model_init_kwargs or {}))
@@ -140,6 +143,11 @@ class EggrollTrainer(Trainer):
                          optimizers=optimizers)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._last_table = None
+        # ES exchanges fitness, never gradients: prepare the model as for evaluation, so accelerate
+        # places it but never wraps it in DistributedDataParallel (no gradient hooks, no broadcasts).
+        prepare_model = self.accelerator.prepare_model
+        self.accelerator.prepare_model = lambda m, device_placement=None, evaluation_mode=False: prepare_model(
+            m, device_placement=device_placement, evaluation_mode=True)
         tok = processing_class
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -218,7 +226,10 @@ class EggrollTrainer(Trainer):
     def _generate_and_score_completions(self, inputs: list[dict]) -> dict:
         """Every member answers every prompt of ``inputs``; returns completions and rewards.
 
-        Jobs are member-major: job ``j = member * Q + q``. ``rewards`` is ``(Q, N)``.
+        Jobs are member-major: job ``j = member * Q + q``. Each process generates and scores its
+        chunks of jobs (``distributed.local_chunks``); the per-job rewards, lengths and finish
+        reasons (and texts when logging completions) are gathered, so every process returns the
+        same global ``rewards`` table ``(Q, N)``.
         """
         N, Q = self.args.population_size, len(inputs)
         prompts = [x["prompt"] for x in inputs]
@@ -226,20 +237,45 @@ class EggrollTrainer(Trainer):
         members = torch.arange(N).repeat_interleave(Q)  # (J,)
         qidx = torch.arange(Q).repeat(N)  # (J,)
         seeds = self._job_seeds(members, qidx)
-        job_prompt_ids = [prompt_ids[q] for q in qidx.tolist()]
-        gen = self._generate(job_prompt_ids, members, seeds)
-        completion_ids = gen.completion_ids
-        texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        q_of = qidx.tolist()
+        J, world, rank = N * Q, self.accelerator.num_processes, self.accelerator.process_index
+        chunks = local_chunks(J, default_chunk_size(J, world, self.args.max_sequences_in_flight), world, rank)
+        local = [j for c in chunks for j in c]
         conversational = _is_conversational(prompts[0])
-        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
-        job_inputs = [inputs[q] for q in qidx.tolist()]
-        job_prompts = [prompts[q] for q in qidx.tolist()]
-        per_func = self._calculate_rewards(job_inputs, job_prompts, completions, completion_ids)  # (J, F)
+        result = {"jobs": local}
+        try:
+            ids, reasons = [], []
+            for chunk in chunks:
+                idx = list(chunk)
+                gen = self._generate([prompt_ids[q_of[j]] for j in idx], members[idx], seeds[idx])
+                ids += gen.completion_ids
+                reasons += gen.finish_reasons
+            texts = self.processing_class.batch_decode(ids, skip_special_tokens=True)
+            completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+            per_func = self._calculate_rewards([inputs[q_of[j]] for j in local], [prompts[q_of[j]] for j in local],
+                                               completions, ids)  # (J_local, F)
+            result.update(per_func=per_func.tolist(), lengths=[len(c) for c in ids], reasons=reasons,
+                          texts=texts if self.args.log_completions else None)
+        except Exception as e:
+            if world == 1:
+                raise
+            result["error"] = f"{type(e).__name__}: {e}"  # every rank raises it after the gather below
+        results = gather_objects(result, world)
+        raise_first_error(results)
+        order = [j for r in results for j in r["jobs"]]
+        F = len(self.reward_funcs)
+        per_func = stack_rows([torch.tensor(row, dtype=torch.float32).reshape(F) for r in results for row in r["per_func"]],
+                              order, J, F)
+        lengths, reasons, texts = [0] * J, [""] * J, [""] * J
+        for r in results:
+            for k, j in enumerate(r["jobs"]):
+                lengths[j], reasons[j] = r["lengths"][k], r["reasons"][k]
+                texts[j] = r["texts"][k] if r["texts"] is not None else ""
         total = combine_rewards(per_func, self.reward_weights)  # (J,)
         return {
-            "prompts": job_prompts, "completions": completions, "completion_ids": completion_ids,
-            "members": members, "finish_reasons": gen.finish_reasons,
-            "prompt_lengths": [len(prompt_ids[q]) for q in qidx.tolist()],
+            "prompts": [prompts[q] for q in q_of], "completions": texts, "completion_lengths": lengths,
+            "members": members, "finish_reasons": reasons,
+            "prompt_lengths": [len(prompt_ids[q]) for q in q_of],
             "rewards_per_func": per_func, "total_rewards": total,
             "rewards": total.view(N, Q).T.contiguous(),  # (Q, N)
         }
@@ -311,7 +347,7 @@ class EggrollTrainer(Trainer):
             col = col[~torch.isnan(col)]
             m[f"rewards/{name}/mean"].append(float(col.mean()) if col.numel() else math.nan)
             m[f"rewards/{name}/std"].append(float(col.std(unbiased=False)) if col.numel() else math.nan)
-        lengths = torch.tensor([len(c) for c in batch["completion_ids"]], dtype=torch.float32)
+        lengths = torch.tensor(batch["completion_lengths"], dtype=torch.float32)
         clipped = torch.tensor([r == "length" for r in batch["finish_reasons"]])
         m["completions/mean_length"].append(float(lengths.mean()))
         m["completions/min_length"].append(float(lengths.min()))
@@ -330,13 +366,15 @@ class EggrollTrainer(Trainer):
             m["fitness/raw_min"].append(float(per_member.nan_to_num(math.inf).min()))
             m["fitness/shaped_std"].append(float(fitness.std(unbiased=False)))
             if self.args.es_debug_checksum:
-                m["es/weight_checksum"].append(self.weight_checksum())
+                checksum = self.weight_checksum()
+                check_replicas_equal(checksum, self.accelerator.num_processes)
+                m["es/weight_checksum"].append(checksum)
         if self.args.log_completions:
             self._last_table = {
                 "step": [self.state.global_step] * len(batch["prompts"]),
                 "member": batch["members"].tolist(),
                 "prompt": [str(p) for p in batch["prompts"]],
-                "completion": [c if isinstance(c, str) else c[-1]["content"] for c in batch["completions"]],
+                "completion": batch["completions"],
                 **{name: batch["rewards_per_func"][:, i].tolist() for i, name in enumerate(self.reward_func_names)},
                 "reward": total.tolist(),
             }

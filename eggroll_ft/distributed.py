@@ -1,0 +1,102 @@
+"""Scale-out: split a step's jobs across processes and exchange only small per-job results.
+
+ES needs no gradient all-reduce (EGGROLL, arXiv 2511.16652, Sec. 4): every process regenerates
+the same noise, evaluates its share of the (member, prompt) jobs, and the processes exchange the
+rewards of those jobs (scalars, plus completion lengths and texts for logging). Every process then
+shapes the same fitness and applies the same update, so weights stay identical without any
+broadcast.
+
+Bit-identical results for any number of processes come from a fixed unit of work: the jobs of a
+step are cut into chunks of ``chunk_size`` jobs in one global order, and chunk ``c`` runs on
+process ``c % world_size``, as one batch. One process runs the same chunks one after another, so
+every job sees the same batch shapes and the same numbers.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+
+def job_chunks(num_jobs: int, chunk_size: int) -> list[range]:
+    """Global, process-independent chunks of job indices.
+
+    >>> [list(c) for c in job_chunks(5, 2)]
+    [[0, 1], [2, 3], [4]]
+    """
+    return [range(s, min(s + chunk_size, num_jobs)) for s in range(0, num_jobs, chunk_size)]
+
+
+def local_chunks(num_jobs: int, chunk_size: int, world_size: int, rank: int) -> list[range]:
+    """The chunks process ``rank`` runs (round robin).
+
+    >>> [list(c) for c in local_chunks(6, 2, world_size=2, rank=1)]
+    [[2, 3]]
+    """
+    return job_chunks(num_jobs, chunk_size)[rank::world_size]
+
+
+def gather_objects(obj, world_size: int) -> list:
+    """Every process's ``obj``, in rank order (a list of one on a single process)."""
+    if world_size == 1:
+        return [obj]
+    from accelerate.utils import gather_object
+
+    return gather_object([obj])
+
+
+def raise_first_error(results: list[dict]) -> None:
+    """If any process failed (``{"error": message}``), raise it on every process, so all of them stop
+    with the same message instead of waiting for the failed one."""
+    for rank, r in enumerate(results):
+        if r.get("error"):
+            raise RuntimeError(f"[rank {rank}] {r['error']}")
+
+
+def check_replicas_equal(value: float, world_size: int, what: str = "weights checksum") -> None:
+    """Debug check: ``value`` must be the same on every process."""
+    values = gather_objects(float(value), world_size)
+    if len(set(values)) > 1:
+        raise RuntimeError(f"{what} differs across processes: {values}")
+
+
+def warn_if_cpu_multiprocess_ignored() -> bool:
+    """``accelerate launch --cpu --num_processes K`` silently starts ONE process. Detect and warn.
+
+    Returns True when the case was detected.
+    """
+    launched_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    if not launched_cpu or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return False
+    asked = None
+    try:  # the launcher's own command line, if we can read it
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+        for flag in ("--num_processes", "--num-processes"):
+            if flag in argv:
+                asked = int(argv[argv.index(flag) + 1])
+    except (OSError, ValueError, IndexError):
+        pass
+    if (asked and asked > 1) or (asked is None and "MASTER_PORT" in os.environ):
+        warnings.warn("`accelerate launch --cpu --num_processes K` starts only one process. For K CPU processes "
+                      "over gloo use `accelerate launch --multi_gpu --num_processes K` (works without GPUs) or "
+                      "`torchrun --nproc_per_node K`.", stacklevel=2)
+        return True
+    return False
+
+
+def default_chunk_size(num_jobs: int, world_size: int, max_sequences_in_flight: int | None) -> int:
+    """``max_sequences_in_flight`` when set (then results do not depend on the process count), else an
+    even split of the step's jobs over the processes."""
+    if max_sequences_in_flight:
+        return int(max_sequences_in_flight)
+    return max(1, -(-num_jobs // world_size))
+
+
+def stack_rows(rows: list[torch.Tensor], order: list[int], total: int, width: int) -> torch.Tensor:
+    """Put per-job rows gathered from processes back in global job order."""
+    out = torch.full((total, width), float("nan"))
+    for idx, row in zip(order, rows):
+        out[idx] = row
+    return out

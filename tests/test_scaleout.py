@@ -1,0 +1,86 @@
+"""Scale-out: 1 and 2 processes give bit-identical results; failures stop every rank."""
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from eggroll_ft.distributed import local_chunks, warn_if_cpu_multiprocess_ignored
+
+SCRIPT = Path(__file__).parent / "data" / "scaleout_script.py"
+ROOT = Path(__file__).parents[1]
+
+
+def _run(out, nproc, *extra, timeout=400):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    if nproc == 1:
+        cmd = [sys.executable, str(SCRIPT), str(out), *extra]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(29500 + os.getpid() % 1000), str(SCRIPT), str(out), *extra]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    return proc, time.time() - t0
+
+
+def _result(out):
+    return json.loads((Path(out) / "result.json").read_text())
+
+
+def test_one_and_two_processes_are_bit_identical(tmp_path):
+    one, _ = _run(tmp_path / "one", 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two, _ = _run(tmp_path / "two", 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    r1, r2 = _result(tmp_path / "one"), _result(tmp_path / "two")
+    assert r1["world_size"] == 1 and r2["world_size"] == 2
+    assert r1["weights_sha256"] == r2["weights_sha256"]
+    assert r1["rewards"] == r2["rewards"] and len(r1["rewards"]) == 3
+
+
+def test_reward_error_on_one_rank_stops_all_ranks(tmp_path):
+    proc, seconds = _run(tmp_path / "fail", 2, "--fail-rank", "1", timeout=300)
+    assert proc.returncode != 0
+    assert "The reward function 'target_fraction' raised ValueError: reward server unreachable" in proc.stderr
+    assert proc.stderr.count("reward server unreachable") >= 2  # both ranks raise it, none waits
+
+
+@pytest.mark.slow
+def test_dead_rank_ends_the_run(tmp_path):
+    proc, seconds = _run(tmp_path / "die", 2, "--die-rank", "1", timeout=300)
+    assert proc.returncode != 0
+    assert "exitcode" in proc.stderr or "ChildFailedError" in proc.stderr
+
+
+@pytest.mark.slow
+def test_resume_with_another_number_of_processes(tmp_path):
+    full, _ = _run(tmp_path / "full", 1)
+    assert full.returncode == 0, full.stderr[-3000:]
+    part, _ = _run(tmp_path / "res", 2, "--steps", "2", "--save-steps", "2")
+    assert part.returncode == 0, part.stderr[-3000:]
+    resumed, _ = _run(tmp_path / "res", 1, "--steps", "3", "--resume", str(tmp_path / "res" / "checkpoint-2"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _result(tmp_path / "res")["weights_sha256"] == _result(tmp_path / "full")["weights_sha256"]
+
+
+def test_chunks_cover_every_job_once_for_any_world_size():
+    for world in (1, 2, 3, 5):
+        seen = sorted(j for r in range(world) for c in local_chunks(37, 4, world, r) for j in c)
+        assert seen == list(range(37))
+
+
+def test_cpu_flag_with_many_processes_is_detected(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.warns(UserWarning, match="--multi_gpu --num_processes"):
+        assert warn_if_cpu_multiprocess_ignored()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not warn_if_cpu_multiprocess_ignored()
