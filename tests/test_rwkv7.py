@@ -134,6 +134,11 @@ def test_parity_whole_sequence_token_by_token_and_carried_state(official):
             tail = model(x[:, SPLIT:], head.state)
             assert rel_err(torch.cat([head.logits[0], tail.logits[0]]), r["split"]) < 1e-4
             assert torch.allclose(torch.cat([head.logits[0], tail.logits[0]]), full, atol=1e-4, rtol=0)
+            chunked = model(x, chunk_size=5)  # internal chunking: same logits, same state
+            assert rel_err(chunked.logits[0], r["full"]) < 1e-4
+            last2 = model(x, chunk_size=5, logits_to_keep=len(ids) % 5 + 1).logits[0]  # spans two chunks
+            assert torch.allclose(last2, chunked.logits[0, -(len(ids) % 5 + 1):], atol=1e-5, rtol=0)
+            assert torch.allclose(chunked.state.wkv, tail.state.wkv, atol=1e-5, rtol=1e-5)
 
 
 def test_left_padded_batch_matches_reference_per_row(official):

@@ -281,6 +281,7 @@ class RWKV7ForCausalLM(nn.Module):
 
     # ---- HF-style accessors used by Population and the trainer ---------------------------------
     is_recurrent = True  # the engine keeps an RWKV7State per row instead of a KV cache
+    prefill_chunk_size = 512  # longer inputs run in chunks of this many tokens (activation memory)
 
     def default_tokenizer(self):
         """The RWKV World tokenizer (every official RWKV-7 model uses it)."""
@@ -351,12 +352,15 @@ class RWKV7ForCausalLM(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, state: RWKV7State | None = None,
-                attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0) -> RWKV7Output:
+                attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0,
+                chunk_size: int | None = None) -> RWKV7Output:
         """Logits ``(B, T, V)`` float32 (the last ``logits_to_keep`` positions when > 0).
 
         ``state`` continues earlier calls and is updated in place; ``None`` starts from zero.
         ``attention_mask (B, T)``: 0 marks left padding, which leaves the state untouched (its
-        logits are meaningless). Any chunking of a prompt gives the same result as one call.
+        logits are meaningless). Prompts longer than ``chunk_size`` (default
+        ``self.prefill_chunk_size``) run chunk by chunk through the state, bounding activation
+        memory; any chunking gives the result of one call.
         """
         B, T = input_ids.shape
         if state is None:
@@ -373,18 +377,30 @@ class RWKV7ForCausalLM(nn.Module):
                     raise ValueError("attention_mask must be left padding only (no 0 after a 1 in a row)")
                 if bool(mask.all()):
                     mask = None
+        chunk = chunk_size or self.prefill_chunk_size
+        if chunk < 1:
+            raise ValueError(f"chunk_size={chunk} must be >= 1")
+        keep = T if logits_to_keep <= 0 else min(logits_to_keep, T)
+        logits = []
+        for start in range(0, T, chunk):
+            end = min(start + chunk, T)
+            x = self._hidden(input_ids[:, start:end], state, None if mask is None else mask[:, start:end])
+            if end > T - keep:  # this chunk holds positions whose logits are kept
+                x = x[:, max(T - keep - start, 0):]
+                logits.append(self.head(self.ln_out(x)).float())  # (B, t, V)
+        return RWKV7Output(logits[0] if len(logits) == 1 else torch.cat(logits, dim=1), state)
+
+    def _hidden(self, input_ids, state: RWKV7State, mask) -> torch.Tensor:
+        """Final hidden states ``(B, T, C)`` of one chunk; updates ``state`` in place."""
         x = self.blocks[0].ln0(self.emb(input_ids))  # (B, T, C)
-        v_first = None
+        v_first = None  # layer 0's value, mixed into later layers (per token, not state)
         for i, blk in enumerate(self.blocks):
             dx, state.att_x_prev[i], state.wkv[i], v_first = blk.att(
                 blk.ln1(x), state.att_x_prev[i], state.wkv[i], v_first, mask)
             x = x + dx
             dx, state.ffn_x_prev[i] = blk.ffn(blk.ln2(x), state.ffn_x_prev[i], mask)
             x = x + dx
-        if logits_to_keep > 0:
-            x = x[:, -logits_to_keep:]
-        logits = self.head(self.ln_out(x)).float()  # (B, T, V)
-        return RWKV7Output(logits, state)
+        return x
 
     @torch.no_grad()
     def greedy(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask=None) -> torch.Tensor:
