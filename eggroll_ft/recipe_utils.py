@@ -1,0 +1,190 @@
+"""Plumbing shared by the task recipes (``recipes/countdown.py``, ``recipes/gsm8k.py``).
+
+What a recipe needs besides its task: the script arguments every task has (``RecipeArguments``),
+``ModelConfig`` -> ``from_pretrained`` keyword arguments, a held-out split, tiny offline models
+for smoke runs, a check that the launch gave every process its rank, and the
+evaluate -> train -> evaluate -> save sequence that writes ``eval_results.json``.
+
+Boundary: this module drives an ``EggrollTrainer`` through its public methods (``evaluate``,
+``train``, ``save_model``); it builds no prompts and computes no reward itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+TINY_RANDOM_LLAMA = "tiny-random-llama"
+
+
+@dataclass
+class RecipeArguments:
+    """Script arguments of every task recipe; a task subclasses it to add fields and set defaults."""
+
+    dataset_path: str | None = field(default=None, metadata={
+        "help": "Local file/directory or hub id of the task's data; None: the task's default source."})
+    num_train: int | None = field(default=None, metadata={"help": "Training problems kept (None: all)."})
+    num_eval: int = field(default=200, metadata={"help": "Held-out problems scored greedily before/after training."})
+    dataset_seed: int = field(default=0, metadata={"help": "Seed of problem generation and of the held-out split."})
+    template: str = field(default="chat", metadata={"help": "Prompt template (see rewards/<task>.py TEMPLATES)."})
+    reward_funcs: list[str] = field(default_factory=list, metadata={
+        "help": "Reward functions: registered names ('countdown', 'gsm8k' ...) or 'module:function'."})
+    eval_only: bool = field(default=False, metadata={
+        "help": "Only score the model on the held-out split (greedy, through the engine); no training."})
+    eval_before_training: bool = field(default=True, metadata={
+        "help": "Score the starting model on the held-out split before training."})
+
+    def __post_init__(self):
+        if not isinstance(self.num_eval, int) or self.num_eval < 1:
+            raise ValueError(f"num_eval={self.num_eval!r} must be an int >= 1")
+        if self.num_train is not None and (not isinstance(self.num_train, int) or self.num_train < 1):
+            raise ValueError(f"num_train={self.num_train!r} must be None or an int >= 1")
+        if not self.reward_funcs:
+            raise ValueError(f"reward_funcs={self.reward_funcs!r} must name at least one reward function")
+
+
+def cache_dir() -> str:
+    """``$EGGROLL_CACHE``, else ``~/.cache/eggroll_ft`` (where tiny models are built on first use)."""
+    return os.environ.get("EGGROLL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "eggroll_ft")
+
+
+def build_tiny_random_llama(path: str) -> str:
+    """Save a random 2-layer, 32-wide Llama with a character tokenizer (``eggroll_ft.testing``) at ``path``.
+
+    A smoke-run model that loads offline with ``from_pretrained``; it earns ~0 reward on any task.
+    Built into a temporary sibling and renamed into place, so a concurrent or interrupted build
+    never leaves half a checkpoint.
+    """
+    from .testing import char_tokenizer, tiny_llama
+
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.building-", dir=os.path.dirname(path))
+    try:
+        tok = char_tokenizer()
+        model = tiny_llama(len(tok), seed=0)
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
+        tok.save_pretrained(tmp)
+        model.save_pretrained(tmp)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not os.path.isfile(os.path.join(path, "config.json")):  # not a concurrent build's win
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def resolve_model_name(name: str) -> str:
+    """``"tiny-random-llama"`` -> its cached checkpoint (built on first use); anything else unchanged."""
+    if name == TINY_RANDOM_LLAMA:
+        return build_tiny_random_llama(os.path.join(cache_dir(), TINY_RANDOM_LLAMA))
+    return name
+
+
+def model_init_kwargs(model_args) -> dict:
+    """``from_pretrained`` keyword arguments from TRL's ``ModelConfig`` (as TRL's own scripts build them)."""
+    from trl import get_quantization_config
+
+    kwargs = {"revision": model_args.model_revision, "dtype": model_args.dtype,
+              "attn_implementation": model_args.attn_implementation}
+    quantization = get_quantization_config(model_args)
+    if quantization is not None:
+        from accelerate import PartialState
+
+        kwargs.update(quantization_config=quantization, device_map={"": PartialState().local_process_index})
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def heldout_split(dataset, num_eval: int, num_train: int | None = None, seed: int = 0,
+                  key_columns: tuple[str, ...] = ()):
+    """``(train, heldout)``: the first ``num_eval`` rows of a seeded shuffle are held out.
+
+    Training rows are the next ``num_train`` rows (all the rest when None), minus any whose
+    ``key_columns`` values equal a held-out row's (a duplicated problem must not leak into
+    training), so ``train`` may hold slightly fewer than ``num_train`` rows.
+    """
+    if num_eval < 1 or num_eval >= len(dataset):
+        raise ValueError(f"num_eval={num_eval} must lie in [1, {len(dataset) - 1}] for a dataset of {len(dataset)} rows")
+    shuffled = dataset.shuffle(seed=seed)
+    heldout = shuffled.select(range(num_eval))
+    end = len(shuffled) if num_train is None else min(len(shuffled), num_eval + num_train)
+    train = shuffled.select(range(num_eval, end))
+    if key_columns:
+        def key(row):
+            return tuple(tuple(row[c]) if isinstance(row[c], list) else row[c] for c in key_columns)
+
+        held = {key(row) for row in heldout}
+        train = train.filter(lambda row: key(row) not in held)
+    if len(train) == 0:
+        raise ValueError(f"no training rows left after holding out num_eval={num_eval} of {len(dataset)}")
+    return train, heldout
+
+
+def check_world_size(args) -> None:
+    """Fail fast when the launcher started several processes but each believes it is alone.
+
+    ``accelerate launch --multi_gpu --num_processes 2`` on a machine without GPUs sets
+    ``WORLD_SIZE=2``, yet ``TrainingArguments`` only joins the gloo group with ``use_cpu=True``;
+    without it every process would silently run the whole job by itself.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size != launched:
+        raise ValueError(f"WORLD_SIZE={launched} processes were launched but use_cpu={args.use_cpu} gives "
+                         f"world_size={args.world_size}: on a machine without GPUs pass --use_cpu true")
+
+
+def _final_eval(trainer) -> dict:
+    """The ``eval_*`` metrics of the trained model: reused when the last logged evaluation ran at the
+    final step (``eval_steps`` dividing ``max_steps``), otherwise a fresh ``trainer.evaluate()``."""
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_reward" in h), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        return {k: v for k, v in last.items() if k.startswith("eval_")}
+    return trainer.evaluate()
+
+
+def train_and_evaluate(trainer, accuracy_reward: str, eval_only: bool = False,
+                       eval_before_training: bool = True) -> dict:
+    """Score -> train -> score -> save; writes ``<output_dir>/eval_results.json`` and returns it.
+
+    ``accuracy_reward`` names the reward function whose held-out greedy mean is the accuracy
+    (``eval_rewards/<name>/mean``). With ``eval_only`` the model is only scored (no training, no
+    save). Prints a one-line summary. Every evaluation is also a log record (``metrics.jsonl`` through the callbacks).
+    """
+    if accuracy_reward not in trainer.reward_func_names:
+        raise ValueError(f"reward_funcs={trainer.reward_func_names} must include {accuracy_reward!r}: the held-out "
+                         "accuracy is its mean (give it weight 0 in reward_weights to train on the others only)")
+    key = f"eval_rewards/{accuracy_reward}/mean"
+    args = trainer.args
+    results = {"model": str(getattr(trainer.model.config, "_name_or_path", "")), "accuracy_metric": key,
+               "num_eval": len(trainer.eval_dataset), "eval_only": eval_only}
+    if eval_only:
+        metrics = trainer.evaluate()
+        results.update(accuracy=metrics[key], metrics=metrics)
+    else:
+        if eval_before_training:
+            before = trainer.evaluate()
+            results.update(accuracy_before=before[key], before=before)
+        train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        after = _final_eval(trainer)
+        results.update(accuracy_after=after[key], after=after, global_step=trainer.state.global_step,
+                       train_metrics=train_output.metrics)
+        trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "eval_results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        n = results["num_eval"]
+        if eval_only:
+            print(f"held-out accuracy of {results['model']}: {results['accuracy']:.3f} on {n} problems")
+        else:
+            before = f"{results['accuracy_before']:.3f}" if eval_before_training else "n/a"
+            print(f"held-out accuracy: {before} -> {results['accuracy_after']:.3f} on {n} problems; "
+                  f"model saved to {os.path.abspath(args.output_dir)}")
+    return results
