@@ -23,8 +23,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .shaping import SHAPINGS
-
+SHAPINGS = ("group_norm", "zscore", "centered_rank", "none")  # fitness shaping methods (shaping.py)
 SIGMA_SCHEDULES = ("constant", "exponential", "linear")
 GENERATION_BACKENDS = ("engine", "hf")
 

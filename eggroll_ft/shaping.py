@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-SHAPINGS = ("group_norm", "zscore", "centered_rank", "none")
+from .config import SHAPINGS
 
 
 def _nanstd(x: torch.Tensor) -> torch.Tensor:
