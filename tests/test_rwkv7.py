@@ -354,3 +354,16 @@ def test_decode_and_padded_prefill_trace_as_one_graph():
         want = model(ids, model.init_state(2), attention_mask=mask).logits
         got = step(ids, model.init_state(2), mask)
     assert torch.allclose(got, want, atol=1e-6, rtol=0)
+
+
+def test_config_works_with_transformers_trainer_token_alignment():
+    """transformers.Trainer calls align_special_tokens(model, tokenizer) for HF tokenizers."""
+    from transformers.trainer_utils import align_special_tokens
+
+    from eggroll_ft.testing import char_tokenizer
+    tok = char_tokenizer("abc ")
+    model = tiny_model(vocab=len(tok))
+    assert model.config.eos_token_id == 0 and model.config.get_text_config() is model.config
+    align_special_tokens(model, tok)
+    assert model.config.eos_token_id == tok.eos_token_id and model.config.pad_token_id == tok.pad_token_id
+    assert "eos_token_id" not in model.config.to_dict()  # not a shape field: not saved

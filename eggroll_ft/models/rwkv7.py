@@ -71,9 +71,19 @@ class RWKV7Config:
         if self.hidden_size % self.head_size:
             raise ValueError(f"hidden_size={self.hidden_size} must be a multiple of head_size={self.head_size}")
 
+    # RWKV ends text with token 0 and pads with it. Class attributes, not fields: transformers.Trainer
+    # may align them with its tokenizer through ``get_text_config()``.
+    eos_token_id = 0
+    pad_token_id = 0
+    bos_token_id = None
+
     @property
     def num_heads(self) -> int:
         return self.hidden_size // self.head_size
+
+    def get_text_config(self, *_, **__) -> "RWKV7Config":
+        """transformers' multimodal accessor (``Trainer`` calls it); this config is the text config."""
+        return self
 
     @classmethod
     def from_size(cls, hidden_size: int, num_hidden_layers: int, vocab_size: int = 65536,
