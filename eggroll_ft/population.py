@@ -115,8 +115,8 @@ class Population:
         self.params: dict[str, PerturbedParam] = {}
         self._row_members: torch.Tensor | None = None
         self._cache: dict[str, tuple[torch.Tensor, ...]] = {}
-        # per-row factors of the current members block, gathered once per block and layer (low rank):
-        # name -> (B_i * scale_i (P, n, r), A_i^T (P, r, m)) in the input's dtype
+        # factors of the current members block, gathered once per block and layer (low rank):
+        # (name, dtype) -> (B_u (U, r, n), A_u (U, r, m), scale (U, G)); see _row_factors
         self._rows: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self._rows_key: tuple | None = None
         self._handles = []
@@ -200,54 +200,79 @@ class Population:
         return out
 
     def _row_factors(self, name: str, members: torch.Tensor, dtype: torch.dtype):
-        """``(B_i * scale_i (P, n, r), A_i^T (P, r, m))`` for the rows' members, in ``dtype``.
+        """This block's factors: ``(B_u (U, r, n), A_u (U, r, m), scale (U, G))`` in ``dtype``.
 
-        ``scale_i = sigma / sqrt(r) * s_i`` (0 for unperturbed rows) is folded into ``B`` so the
-        per-token work is two batched matmuls. Cached for the current members block.
+        Rows come in ``U`` groups of ``G`` consecutive rows sharing one noise index (an
+        antithetic pair, or a member answering several prompts: the trainer's member-major job
+        order), so each group's factors are read once per token; ``G = 1`` when rows are not so
+        ordered. ``scale = sigma / sqrt(r) * s_i`` (0 for unperturbed rows). Cached per block.
         """
         cached = self._rows.get((name, dtype))
-        if cached is not None and cached[0].shape[0] == members.numel():
+        if cached is not None:
             return cached
         A, Bf = self.factors(name)  # (K, m, r), (K, n, r)
         members = members.to(A.device)
         safe = members.clamp(min=0)
-        idx = self.noise.noise_index(safe)
+        idx = self.noise.noise_index(safe)  # (P,)
         scale = self.noise.sign(safe).to(A.device) * (members >= 0).to(torch.float32)
         scale = scale * (self.sigma / math.sqrt(self.noise.rank))  # (P,)
-        rows = ((Bf[idx] * scale[:, None, None]).to(dtype),  # (P, n, r)
-                A[idx].transpose(1, 2).to(dtype).contiguous())  # (P, r, m)
+        P = idx.numel()
+        G = int((idx == idx[0]).int().argmin()) or P if P else 1  # length of the first run
+        if G > 1 and (P % G or not bool((idx.view(-1, G) == idx.view(-1, G)[:, :1]).all())):
+            G = 1
+        u = idx.view(-1, G)[:, 0]  # (U,)
+        rows = (Bf[u].transpose(1, 2).to(dtype).contiguous(),  # (U, r, n)
+                A[u].transpose(1, 2).to(dtype).contiguous(),  # (U, r, m)
+                scale.view(-1, G).to(dtype))  # (U, G)
         self._rows[(name, dtype)] = rows
         return rows
+
+    def _add_lowrank_(self, name: str, x: torch.Tensor, out: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        """``out += (sigma/sqrt(r)) s_i (x B_i) A_i^T`` row by row, in place; returns ``out``.
+
+        ``x (P, ..., n)``, ``out (P, ..., m)`` contiguous. One token per row (decode): a dot product
+        and a scaled row update per rank component; longer inputs: two batched matmuls.
+        """
+        m, n = self.params[name].shape
+        Bu, Au, scale = self._row_factors(name, members, x.dtype)
+        U, G = scale.shape
+        r = Bu.shape[1]
+        T = x.numel() // (x.shape[0] * n)
+        if T == 1:
+            xg = x.reshape(U, G, n)
+            og = out.view(U, G, m)
+            for k in range(r):
+                xb = torch.linalg.vecdot(xg, Bu[:, None, k]) * scale  # (U, G)
+                og.addcmul_(xb[..., None], Au[:, None, k])  # (U, G, m)
+        else:
+            xb = torch.bmm(x.reshape(U, G * T, n), Bu.transpose(1, 2))  # (U, G T, r)
+            xb = (xb.view(U, G, T, r) * scale[:, :, None, None]).view(U, G * T, r)
+            out.view(U, G * T, m).baddbmm_(xb, Au)
+        return out
 
     def delta(self, name: str, x: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
         """Per-row perturbation term of weight ``name`` for input ``x (B, ..., n)`` -> ``(B, ..., m)``."""
         p = self.params[name]
         m, n = p.shape
         B = x.shape[0]
+        if not self.noise.full_rank:
+            return self._add_lowrank_(name, x, x.new_zeros(*x.shape[:-1], m), members)
         x3 = x.reshape(B, -1, n)  # (B, T, n)
-        if self.noise.full_rank:
-            members = members.to(x.device)
-            valid = members >= 0
-            safe = members.clamp(min=0)
-            scale = self.noise.sign(safe).to(x.device) * valid.to(torch.float32) * self.sigma  # (B,)
-            (E,) = self.factors(name)
-            d = torch.bmm(x3, E[self.noise.noise_index(safe)].to(x.dtype).transpose(1, 2))  # (B, T, m)
-            d = d * scale.to(x.dtype)[:, None, None]
-        else:
-            Bs, At = self._row_factors(name, members, x.dtype)
-            d = torch.bmm(torch.bmm(x3, Bs), At)  # (B, T, r) -> (B, T, m)
+        members = members.to(x.device)
+        safe = members.clamp(min=0)
+        scale = self.noise.sign(safe).to(x.device) * (members >= 0).to(torch.float32) * self.sigma  # (B,)
+        (E,) = self.factors(name)
+        d = torch.bmm(x3, E[self.noise.noise_index(safe)].to(x.dtype).transpose(1, 2))  # (B, T, m)
+        d = d * scale.to(x.dtype)[:, None, None]
         return d.reshape(*x.shape[:-1], m)
 
     def _add_delta_(self, name: str, x: torch.Tensor, out: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
-        """``out + delta`` computed in place into ``out`` when autograd is off (one fused baddbmm)."""
-        if self.noise.full_rank or torch.is_grad_enabled() or not out.is_contiguous():
+        """``out + delta``: in place when autograd is off, else on a copy."""
+        if self.noise.full_rank:
             return out + self.delta(name, x, members)
-        m, n = self.params[name].shape
-        B = x.shape[0]
-        Bs, At = self._row_factors(name, members, x.dtype)
-        out3 = out.view(B, -1, m)  # (B, T, m)
-        out3.baddbmm_(torch.bmm(x.reshape(B, -1, n), Bs), At)  # += (x B_i s_i) A_i^T
-        return out
+        if torch.is_grad_enabled() or not out.is_contiguous():
+            out = out.contiguous().clone()
+        return self._add_lowrank_(name, x.contiguous(), out, members)
 
     def _make_hook(self, p: PerturbedParam):
         def hook(module, args, output):
