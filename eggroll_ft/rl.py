@@ -85,6 +85,9 @@ class RLConfig:
     """evaluate at least this often (ES evaluates after every generation that crosses it)"""
     threshold: float = 475.0
     """return that counts as reached (time-to-threshold in the table)"""
+    max_train_cpu_seconds: float | None = None
+    """stop earlier when training CPU time passes this (None: the step budget alone decides); CPU
+    rather than wall-clock time so that the cap does not depend on other processes' load"""
     ppo: dict = field(default_factory=dict)
     """keyword arguments of stable_baselines3.PPO (plus ``n_envs``)"""
 
@@ -107,6 +110,8 @@ class RLConfig:
         for name in ("sigma_decay", "lr_decay"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)} must lie in (0, 1]")
+        if self.max_train_cpu_seconds is not None and not self.max_train_cpu_seconds > 0:
+            raise ValueError(f"max_train_cpu_seconds={self.max_train_cpu_seconds} must be > 0 or None")
 
     @classmethod
     def from_dict(cls, d: dict) -> "RLConfig":
@@ -331,8 +336,8 @@ def _eval_seed(config: RLConfig) -> int:
 def train_es(config: RLConfig, log: Callable[[dict], None] = lambda r: None) -> PopulationPolicy:
     """Train with EGGROLL / OpenES until ``total_env_steps``; ``log`` gets one record per generation.
 
-    ``wall_s`` is training time only (evaluation excluded), so curves over wall-clock compare the
-    methods' training cost.
+    ``wall_s`` (and ``cpu_s``, this process's CPU time, robust to load from other processes) is
+    training time only, evaluation excluded, so curves over wall-clock compare training cost.
     """
     if config.method not in ("eggroll", "openes"):
         raise ValueError(f"method={config.method!r} is not an ES method")
@@ -341,14 +346,17 @@ def train_es(config: RLConfig, log: Callable[[dict], None] = lambda r: None) -> 
     eval_envs = make_vector_env(config.env_id, config.eval_episodes)
     policy = PopulationPolicy.for_env(envs, config.hidden_size, config.num_layers)
     learner = ESLearner(policy, config)
-    env_steps, wall, next_eval = 0, 0.0, 0
-    while env_steps < config.total_env_steps:
-        t0 = time.perf_counter()
+    env_steps, wall, cpu, next_eval = 0, 0.0, 0.0, 0
+    cap = config.max_train_cpu_seconds or math.inf
+    while env_steps < config.total_env_steps and cpu < cap:
+        t0, c0 = time.perf_counter(), time.process_time()
         rec = learner.step(envs)
         wall += time.perf_counter() - t0
+        cpu += time.process_time() - c0
         env_steps += rec["env_steps"]
-        rec.update(method=config.method, env_id=config.env_id, env_steps=env_steps, wall_s=wall)
-        if env_steps >= next_eval or env_steps >= config.total_env_steps:
+        rec.update(method=config.method, env_id=config.env_id, env_steps=env_steps, wall_s=wall, cpu_s=cpu)
+        last = env_steps >= config.total_env_steps or cpu >= cap
+        if env_steps >= next_eval or last:
             rec["eval_return"] = learner.evaluate(eval_envs, _eval_seed(config))
             next_eval = env_steps + config.eval_every_steps
         log(rec)
@@ -385,22 +393,24 @@ def train_ppo(config: RLConfig, log: Callable[[dict], None] = lambda r: None):
 
     class Logger(BaseCallback):
         def _on_training_start(self):
-            self.wall, self.t0, self.next_eval = 0.0, time.perf_counter(), 0
+            self.wall, self.cpu, self.next_eval = 0.0, 0.0, 0
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
-        def _on_step(self):
-            return True
+        def _on_step(self):  # stop at the CPU-time cap (evaluation time excluded)
+            return self.cpu + time.process_time() - self.c0 < (config.max_train_cpu_seconds or math.inf)
 
         def _on_rollout_end(self):
             steps = self.num_timesteps
             if steps < self.next_eval:
                 return
             self.wall += time.perf_counter() - self.t0
+            self.cpu += time.process_time() - self.c0
             ep = [e["r"] for e in self.model.ep_info_buffer]
             ret = rollout(lambda o: self.model.predict(o, deterministic=True)[0], eval_envs, _eval_seed(config)).returns
-            log({"method": "ppo", "env_id": config.env_id, "env_steps": steps, "wall_s": self.wall,
+            log({"method": "ppo", "env_id": config.env_id, "env_steps": steps, "wall_s": self.wall, "cpu_s": self.cpu,
                  "train_return": float(np.mean(ep)) if ep else math.nan, "eval_return": float(ret.mean())})
             self.next_eval = steps + config.eval_every_steps
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
     cb = Logger()
     model.learn(total_timesteps=config.total_env_steps, callback=cb)

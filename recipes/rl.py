@@ -62,37 +62,41 @@ def summarize(records: list[dict], threshold: float) -> dict:
     return {"final_return": evals[-1]["eval_return"] if evals else math.nan,
             "best_return": max((r["eval_return"] for r in evals), default=math.nan),
             "env_steps": records[-1]["env_steps"], "wall_s": records[-1]["wall_s"],
+            "cpu_s": records[-1].get("cpu_s", math.nan),
             "steps_to_threshold": hit["env_steps"] if hit else None,
-            "wall_to_threshold": hit["wall_s"] if hit else None}
+            "wall_to_threshold": hit["wall_s"] if hit else None,
+            "cpu_to_threshold": hit.get("cpu_s", math.nan) if hit else None}
 
 
 def markdown_table(metrics: dict[str, list[dict]], env_id: str, threshold: float) -> str:
     """One row per run: the numbers ``docs/benchmarks.md`` quotes."""
     lines = [f"### {env_id} (threshold {threshold:g})", "",
-             "| run | final return | best return | env steps | train wall-clock (s) | steps to threshold | wall-clock to threshold (s) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| run | final return | best return | env steps | train wall-clock (s) | train CPU (s) | steps to threshold "
+             "| wall-clock to threshold (s) | CPU to threshold (s) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for run, recs in metrics.items():
         s = summarize(recs, threshold)
         to_steps = f"{s['steps_to_threshold']:,}" if s["steps_to_threshold"] is not None else "not reached"
-        to_wall = f"{s['wall_to_threshold']:.1f}" if s["wall_to_threshold"] is not None else "not reached"
+        to_wall, to_cpu = ((f"{s['wall_to_threshold']:.1f}", f"{s['cpu_to_threshold']:.1f}")
+                           if s["wall_to_threshold"] is not None else ("not reached", "not reached"))
         lines.append(f"| {run} | {s['final_return']:.1f} | {s['best_return']:.1f} | {s['env_steps']:,} | "
-                     f"{s['wall_s']:.1f} | {to_steps} | {to_wall} |")
+                     f"{s['wall_s']:.1f} | {s['cpu_s']:.1f} | {to_steps} | {to_wall} | {to_cpu} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(metrics: dict[str, list[dict]], env_id: str, threshold: float, path: Path) -> None:
-    """Evaluation return over environment steps (left) and over training wall-clock (right)."""
+    """Evaluation return over environment steps, training wall-clock and training CPU time."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    keys = ("env_steps", "wall_s", "cpu_s")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
     for run, recs in metrics.items():
         pts = [r for r in recs if r.get("eval_return") is not None]
-        for ax, key in zip(axes, ("env_steps", "wall_s")):
-            ax.plot([r[key] for r in pts], [r["eval_return"] for r in pts], marker=".", label=run)
-    for ax, xlabel in zip(axes, ("environment steps", "training wall-clock (s)")):
+        for ax, key in zip(axes, keys):
+            ax.plot([r.get(key, math.nan) for r in pts], [r["eval_return"] for r in pts], marker=".", label=run)
+    for ax, xlabel in zip(axes, ("environment steps", "training wall-clock (s)", "training CPU time (s)")):
         ax.axhline(threshold, color="grey", ls="--", lw=0.8)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)

@@ -181,12 +181,33 @@ def test_ppo_baseline_logs_the_same_records():
 
 @pytest.mark.parametrize("bad,field", [({"method": "dqn"}, "method"), ({"population_size": 7}, "population_size"),
                                        ({"sigma_decay": 1.5}, "sigma_decay"), ({"optimizer": "rmsprop"}, "optimizer"),
-                                       ({"fitness_shaping": "rank"}, "fitness_shaping"), ({"sigma": 0}, "sigma")])
+                                       ({"fitness_shaping": "rank"}, "fitness_shaping"), ({"sigma": 0}, "sigma"),
+                                       ({"max_train_cpu_seconds": 0}, "max_train_cpu_seconds")])
 def test_config_errors_name_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
         RLConfig(**bad)
     with pytest.raises(ValueError, match="popsize"):
         RLConfig.from_dict({"popsize": 4})
+
+
+def test_cpu_time_cap_stops_after_the_generation_that_crosses_it():
+    recs = []
+    train_es(es_config(total_env_steps=10**9, max_train_cpu_seconds=1e-9), recs.append)
+    assert len(recs) == 1 and "eval_return" in recs[0] and recs[0]["cpu_s"] > 0
+
+
+def test_summary_of_a_run():
+    from recipes.rl import markdown_table, summarize
+
+    recs = [{"env_steps": 100, "wall_s": 1.0, "eval_return": 10.0}, {"env_steps": 200, "wall_s": 2.0},
+            {"env_steps": 300, "wall_s": 3.5, "eval_return": 480.0, "cpu_s": 3.0},
+            {"env_steps": 400, "wall_s": 5.0, "eval_return": 470.0, "cpu_s": 4.0}]
+    s = summarize(recs, threshold=475)
+    assert s == {"final_return": 470.0, "best_return": 480.0, "env_steps": 400, "wall_s": 5.0, "cpu_s": 4.0,
+                 "steps_to_threshold": 300, "wall_to_threshold": 3.5, "cpu_to_threshold": 3.0}
+    row = markdown_table({"r": recs}, "CartPole-v1", 475).splitlines()[-1]
+    assert row == "| r | 470.0 | 480.0 | 400 | 5.0 | 4.0 | 300 | 3.5 | 3.0 |"
+    assert summarize(recs, threshold=500)["steps_to_threshold"] is None
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
