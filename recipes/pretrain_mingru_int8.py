@@ -192,6 +192,10 @@ def main(argv=None) -> dict:
     if step == 0:
         log.log(0, {"eval/bpb": held_out_bpb(model, windows), "time/train_s": 0.0,
                     "info/params": num_params(cfg), "info/unigram_bits": unigram_entropy(held)})
+    def checkpoint():
+        save_atomic({"weights": model.weights, "shifts": model.shifts, "streams": streams.state_dict(),
+                     "state": state, "step": step, "elapsed": elapsed, "config": asdict(cfg)}, ckpt_path)
+
     bar = tqdm(total=run.steps, initial=step, desc="int8 EGGROLL", dynamic_ncols=True)
     stop = min(run.steps, run.stop_at_step or run.steps)
     while step < stop and not (run.max_minutes and elapsed >= 60 * run.max_minutes):
@@ -211,14 +215,12 @@ def main(argv=None) -> dict:
         bar.update(1)
         bar.set_postfix(train=f"{metrics['train/bpb']:.3f}", eval=metrics.get("eval/bpb", ""))
         if step % run.save_every == 0 or step == stop:
-            save_atomic({"weights": model.weights, "shifts": model.shifts, "streams": streams.state_dict(),
-                         "state": state, "step": step, "elapsed": elapsed, "config": asdict(cfg)}, ckpt_path)
+            checkpoint()
     bar.close()
     final = {"step": step, "eval/bpb": held_out_bpb(model, windows), "time/train_s": elapsed}
     if step % run.eval_every and step != run.steps:  # stopped by the wall-clock budget
         log.log(step, {"eval/bpb": final["eval/bpb"], "time/train_s": elapsed, "stopped": True})
-        save_atomic({"weights": model.weights, "shifts": model.shifts, "streams": streams.state_dict(),
-                     "state": state, "step": step, "elapsed": elapsed, "config": asdict(cfg)}, ckpt_path)
+        checkpoint()
     log.close()
     return final
 

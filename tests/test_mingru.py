@@ -34,6 +34,10 @@ class DtypeRecorder(TorchFunctionMode):
 
 def _tiny_population(seed=0, step=3, members=(0, 1, 4, 5, -1)):
     model = IntMinGRU.init(SMALL, seed)
+    gb = torch.Generator().manual_seed(seed + 2)
+    for name, w in model.weights.items():  # non-zero biases, so the bias column is exercised
+        if name != "embed":
+            w[:, -1] = torch.randint(-40, 41, (w.shape[0],), generator=gb).to(torch.int8)
     es = IntegerESConfig(population_size=8, rank=2, sigma_shift=6, seed=seed)
     mem = torch.tensor(members)
     lowrank = member_lowrank(es, weight_shapes(SMALL), step, mem)
@@ -72,6 +76,7 @@ def _reference_member(model, lowrank, row, tokens, state):
         W[name] = (model.weights[name].to(torch.int64) * (1 << s) + sign * (a @ b.T)).tolist()
 
     def linear(name, x):
+        x = x + [32]  # the bias column's constant input
         return [_sat(_rs(_rs(sum(w * xi for w, xi in zip(wrow, x)), s), model.shifts[name])) for wrow in W[name]]
 
     def norm(x):

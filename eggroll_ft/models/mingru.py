@@ -41,6 +41,7 @@ LOGIT_UNITS = 16      # int logits: 16 units = 1 bit (base-2 logits)
 LOGP_UNITS = 256      # int log-probabilities: 256 units = 1 bit
 GATE_ONE = 128        # int gate: 128 = 1.0
 NORM_TARGET = 32      # int norm output: mean |x| = 32
+BIAS_INPUT = 32       # constant int input of each matrix's bias column
 _RECIP_BITS = 12
 _INT8_MAX = 127
 
@@ -66,13 +67,18 @@ class MinGRUConfig:
 
 
 def weight_shapes(cfg: MinGRUConfig) -> dict[str, tuple[int, int]]:
-    """Name -> ``(out, in)`` of every weight matrix (``embed`` is ``(vocab, d_model)``)."""
+    """Name -> ``(out, in + 1)`` of every weight matrix (``embed`` is ``(vocab, d_model)``).
+
+    The last column of each linear weight is its bias: the linear op feeds it a constant input
+    (``BIAS_INPUT`` in the integer model, 1.0 in the float one), so perturbations and updates treat
+    biases exactly like the other weights.
+    """
     d, h, v = cfg.d_model, cfg.mlp_mult * cfg.d_model, cfg.vocab_size
     shapes = {"embed": (v, d)}
     for i in range(cfg.n_layers):
-        shapes.update({f"l{i}_gate": (d, d), f"l{i}_cand": (d, d), f"l{i}_out": (d, d),
-                       f"l{i}_up": (h, d), f"l{i}_down": (d, h)})
-    shapes["head"] = (v, d)
+        shapes.update({f"l{i}_gate": (d, d + 1), f"l{i}_cand": (d, d + 1), f"l{i}_out": (d, d + 1),
+                       f"l{i}_up": (h, d + 1), f"l{i}_down": (d, h + 1)})
+    shapes["head"] = (v, d + 1)
     return shapes
 
 
@@ -106,7 +112,8 @@ class FloatOps:
         return self.w["embed"][tokens]
 
     def linear(self, name, x):
-        return x @ self.w[name].T
+        w = self.w[name]
+        return x @ w[:, :-1].T + w[:, -1]  # last column: bias
 
     def norm(self, x):
         return x / (x.abs().mean(-1, keepdim=True) + 1e-5)
@@ -137,8 +144,10 @@ class FloatMinGRU(nn.Module):
         g = torch.Generator().manual_seed(seed)
         self.weights = nn.ParameterDict()
         for name, (m, n) in weight_shapes(cfg).items():
-            std = 1.0 if name == "embed" else n ** -0.5
-            self.weights[name] = nn.Parameter(torch.randn(m, n, generator=g) * std)
+            w = torch.randn(m, n, generator=g) * (1.0 if name == "embed" else (n - 1) ** -0.5)
+            if name != "embed":
+                w[:, -1] = 0.0  # biases start at zero
+            self.weights[name] = nn.Parameter(w)
 
     def init_state(self, batch: int) -> torch.Tensor:
         return torch.zeros(self.cfg.n_layers, batch, self.cfg.d_model)
@@ -212,6 +221,7 @@ class IntOps:
         return _sat8(e.to(torch.int32) + d)
 
     def linear(self, name, x):
+        x = torch.cat([x, torch.full_like(x[..., :1], BIAS_INPUT)], -1)  # (P, T, n + 1): bias input
         acc = int_matmul(x, self.w[name])  # (P, T, m) int32
         if self.lr is not None and name in self.lr.factors:
             xi = x.to(torch.int32)
@@ -254,7 +264,7 @@ def default_shifts(cfg: MinGRUConfig) -> dict[str, int]:
         if name == "embed":
             continue
         target = 16 if name == "head" else 32
-        shifts[name] = max(0, round(math.log2(math.sqrt(n) * 40 * cfg.init_std / target)))
+        shifts[name] = max(0, round(math.log2(math.sqrt(n - 1) * 40 * cfg.init_std / target)))
     return shifts
 
 
@@ -277,11 +287,14 @@ class IntMinGRU:
 
     @classmethod
     def init(cls, cfg: MinGRUConfig, seed: int = 0) -> "IntMinGRU":
-        """Weights ``round(N(0, init_std^2))`` clipped to int8 (drawn once, outside any forward)."""
+        """Weights ``round(N(0, init_std^2))`` clipped to int8, biases 0 (drawn outside any forward)."""
         g = torch.Generator().manual_seed(seed)
         weights = {name: torch.randn(m, n, generator=g).mul(cfg.init_std).round()
                    .clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
                    for name, (m, n) in weight_shapes(cfg).items()}
+        for name, w in weights.items():
+            if name != "embed":
+                w[:, -1] = 0
         return cls(cfg, weights)
 
     def init_state(self, batch: int) -> torch.Tensor:
