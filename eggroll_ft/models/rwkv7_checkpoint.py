@@ -172,7 +172,7 @@ def load_any(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     if cfg.get("model_type") == NATIVE_MODEL_TYPE:
         return cfg, _load_safetensors_dir(p)
     pths = sorted(p.glob("*.pth"))
-    if not cfg and len(pths) == 1:
+    if not cfg and len(pths) == 1 and not any(p.glob("*.safetensors")):  # (a Trainer checkpoint's rng_state.pth is no model)
         return load_any(pths[0])
     sd = _load_safetensors_dir(p)
     if "blocks.0.att.r_k" in sd:  # our names without our config.json (a transformers.Trainer checkpoint)
