@@ -266,12 +266,8 @@ def population_rollout(policy: PopulationPolicy, pop: Population, envs, seed: in
     ids = torch.arange(envs.num_envs) if member_ids is None else torch.as_tensor(member_ids)
     if ids.numel() != envs.num_envs:
         raise ValueError(f"{ids.numel()} member ids for num_envs={envs.num_envs}; give one per env")
-
-    def act(obs):
-        with pop.members(ids):
-            return policy.act(obs)
-
-    return rollout(act, envs, seed, episodes)
+    with pop.members(ids):  # one block for the whole rollout: rows keep their members
+        return rollout(policy.act, envs, seed, episodes)
 
 
 # ---- the ES loop ------------------------------------------------------------------------------

@@ -128,7 +128,9 @@ def main(argv=None) -> None:
     metrics_path = out / "metrics.jsonl"
 
     if not args.plot_only:
-        (out / "config.json").write_text(json.dumps({n: c.to_dict() for n, c in runs.items()}, indent=1))
+        cfg_path = out / "config.json"  # merged, so runs launched one by one all appear
+        merged = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        cfg_path.write_text(json.dumps({**merged, **{n: c.to_dict() for n, c in runs.items()}}, indent=1))
         done = set(read_metrics(metrics_path)) if metrics_path.exists() else set()
         with metrics_path.open("a") as f:
             for name, cfg in runs.items():

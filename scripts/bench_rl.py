@@ -8,7 +8,8 @@ row b = member b), shape the returns and apply the update. Every method starts f
 weights and the same episodes (generation 0, same seed), and the methods are timed interleaved
 (r1, r4, openes, r1, r4, openes, ...) so that load on a shared machine hits them alike.
 ``--horizon`` caps the episode length so the full-rank runs fit a CPU budget; the per-step time is
-printed too, to extrapolate to longer episodes. The ratio is EGGROLL's time over OpenES's.
+printed too, to extrapolate to longer episodes. The ratio is EGGROLL's time over OpenES's, in
+wall-clock and in process CPU time (the latter does not depend on other processes' load).
 """
 from __future__ import annotations
 
@@ -28,12 +29,12 @@ def one_generation(config: RLConfig, init_state: dict, horizon: int) -> dict:
     policy = PopulationPolicy.for_env(envs, config.hidden_size, config.num_layers)
     policy.load_state_dict(init_state)
     learner = ESLearner(policy, config)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     rec = learner.step(envs)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     learner.pop.remove()
     envs.close()
-    return {"seconds": seconds, "batch_steps": rec["batch_steps"], "env_steps": rec["env_steps"]}
+    return {"seconds": seconds, "cpu": cpu, "batch_steps": rec["batch_steps"], "env_steps": rec["env_steps"]}
 
 
 def main() -> None:
@@ -60,18 +61,20 @@ def main() -> None:
         for name, cfg in methods.items():
             r = one_generation(cfg, init_state, args.horizon)
             results[name].append(r)
-            print(f"repeat {rep} {name:>11}: {r['seconds']:8.2f} s/generation, {r['batch_steps']} batch steps",
-                  flush=True)
+            print(f"repeat {rep} {name:>11}: {r['seconds']:8.2f} s/generation ({r['cpu']:.2f} CPU s), "
+                  f"{r['batch_steps']} batch steps", flush=True)
 
     base = statistics.median(r["seconds"] for r in results["openes"])
+    base_cpu = statistics.median(r["cpu"] for r in results["openes"])
     print(f"\nN={args.population_size}, policy {args.num_layers} x {args.hidden_size}, horizon {args.horizon}, "
           f"{args.threads} thread(s), median of {args.repeats}")
-    print("| method | s / generation | s / batch step | EGGROLL over OpenES (time ratio) | speed-up |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| method | s / generation | CPU s / generation | s / batch step | time over OpenES | CPU over OpenES | speed-up |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, rs in results.items():
         sec = statistics.median(r["seconds"] for r in rs)
+        cpu = statistics.median(r["cpu"] for r in rs)
         per_step = statistics.median(r["seconds"] / r["batch_steps"] for r in rs)
-        print(f"| {name} | {sec:.2f} | {per_step:.3f} | {sec / base:.3f} | {base / sec:.1f}x |")
+        print(f"| {name} | {sec:.2f} | {cpu:.2f} | {per_step:.3f} | {sec / base:.3f} | {cpu / base_cpu:.3f} | {base / sec:.1f}x |")
 
 
 if __name__ == "__main__":
