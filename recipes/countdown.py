@@ -83,8 +83,8 @@ def build_datasets(script_args: CountdownArguments):
         total = (a.num_train or 10_000) + a.num_eval
         ds = make_countdown_dataset(total, seed=a.dataset_seed, template=a.template, min_numbers=a.min_numbers,
                                     max_numbers=a.max_numbers, max_value=a.max_value)
-    else:
-        ds = load_countdown(a.dataset_path, template=a.template)
+    else:  # the first num_train + num_eval rows (hub sets are already shuffled), then the seeded split
+        ds = load_countdown(a.dataset_path, template=a.template, n=a.num_train and a.num_train + a.num_eval)
     return heldout_split(ds, a.num_eval, a.num_train, seed=a.dataset_seed, key_columns=("nums", "target"))
 
 
