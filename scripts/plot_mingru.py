@@ -30,7 +30,9 @@ def main(argv=None):
     parser.add_argument("runs", nargs="+", help="label=metrics.jsonl")
     parser.add_argument("--out", default="docs/mingru_bpb.png")
     parser.add_argument("--title", default="byte-level minGRU, held-out bits per byte")
+    parser.add_argument("--at", default="60,300,600,1200", help="also print bpb at these seconds")
     args = parser.parse_args(argv)
+    times = [float(t) for t in args.at.split(",") if t]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     unigram = None
     for spec in args.runs:
@@ -39,12 +41,17 @@ def main(argv=None):
         unigram = unigram or uni
         ax.plot(t, bpb, marker=".", label=label)
         print(f"{label}: final held-out bpb {bpb[-1]:.3f} after {rows[-1]['step']} steps, {t[-1]:.0f} s")
+        for when in times:  # the last evaluation at or before each time
+            seen = [b for s, b in zip(t, bpb) if s <= when]
+            print(f"  at {when:.0f} s: {seen[-1]:.3f}" if seen else f"  at {when:.0f} s: -")
+        reached = [s for s, b in zip(t, bpb) if unigram is not None and b < unigram]
+        print(f"  first below the unigram entropy at {reached[0]:.0f} s" if reached else "  never below unigram")
     if unigram is not None:
         ax.axhline(unigram, ls="--", c="gray", label=f"unigram entropy {unigram:.2f}")
     ax.set_xlabel("training wall-clock (s)")
     ax.set_ylabel("held-out bits per byte")
     ax.set_title(args.title)
-    ax.set_ylim(top=min(ax.get_ylim()[1], 8.5))
+    ax.set_ylim(top=min(ax.get_ylim()[1], 9.5))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
