@@ -8,6 +8,8 @@ Figures (every row a different member, rank 1, greedy, no EOS so every job runs 
 
 1. population / plain: tokens/s of ``PopulationEngine`` with the population hooks (row b = member
    b) over the same engine on the unperturbed model without hooks, same batch and lengths;
+   reported with this step's noise generation (all layers' factors, once per step) excluded and
+   included (``noise_seconds_per_step``);
 2. population / naive ES: over materialising ``W + sigma E_i`` and generating member by member
    (batch 1; timed on ``--naive-members`` members, the rate is per member so it extrapolates);
 3. population / HF generate: over ``model.generate`` on the population model (hooks on, one batch);
@@ -79,8 +81,12 @@ def throughput(args):
 
     step = iter(range(1, 10**6))
 
+    def new_noise():  # a new ES step: every layer's factors for the whole population
+        pop.set_step(next(step))
+        for name in pop.params:
+            pop.factors(name)
+
     def run_ours():
-        pop.set_step(next(step))  # new noise every repetition: its generation is part of a step's cost
         out = ours.generate(prompts, members, max_new_tokens=new, sampling=greedy)
         assert sum(out.lengths) == tokens
 
@@ -89,7 +95,6 @@ def throughput(args):
         assert sum(out.lengths) == tokens
 
     def run_hf():
-        pop.set_step(next(step))
         ids = torch.tensor(prompts, device=args.device)
         with pop.members(members):
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
@@ -107,24 +112,30 @@ def throughput(args):
     # warm-up (allocator, lazy init), then interleaved repetitions
     ours.generate(prompts[:4], members[:4], max_new_tokens=2, sampling=greedy)
     plain.generate(prompts[:4], -1, max_new_tokens=2, sampling=greedy)
-    times = {"ours": [], "plain": [], "hf": [], "naive": []}
+    times = {"noise": [], "ours": [], "plain": [], "hf": [], "naive": []}
     for rep in range(args.reps):
-        times["ours"].append(timed(run_ours, args.device))
-        times["plain"].append(timed(run_plain, args.device))
+        times["noise"].append(timed(new_noise, args.device))
+        order = [("ours", run_ours), ("plain", run_plain)]
+        for name, fn in order if rep % 2 == 0 else order[::-1]:  # alternate who goes first
+            times[name].append(timed(fn, args.device))
         if not args.skip_hf:
             times["hf"].append(timed(run_hf, args.device))
         if k and rep < args.naive_reps:
             times["naive"].append(timed(run_naive, args.device))
         print(f"rep {rep}: " + ", ".join(f"{n} {v[-1]:.2f}s" for n, v in times.items() if v), flush=True)
-    tps = {"ours": tokens / statistics.median(times["ours"]), "plain": tokens / statistics.median(times["plain"])}
+    med = {n: statistics.median(v) for n, v in times.items() if v}
+    tps = {"ours": tokens / med["ours"], "ours_with_noise": tokens / (med["ours"] + med["noise"]),
+           "plain": tokens / med["plain"]}
     if times["hf"]:
         tps["hf"] = tokens / statistics.median(times["hf"])
     if times["naive"]:
         tps["naive"] = k * new / statistics.median(times["naive"])
     pair = [p / o for o, p in zip(times["ours"], times["plain"])]
-    return {"tokens_per_s": tps, "population_over_plain": tps["ours"] / tps["plain"],
+    return {"tokens_per_s": tps, "noise_seconds_per_step": med["noise"],
+            "population_over_plain": tps["ours"] / tps["plain"],
             "population_over_plain_pairwise_median": statistics.median(pair),
-            "population_over_naive": tps["ours"] / tps["naive"] if "naive" in tps else None,
+            "population_with_noise_over_plain": tps["ours_with_noise"] / tps["plain"],
+            "population_over_naive": tps["ours_with_noise"] / tps["naive"] if "naive" in tps else None,
             "population_over_hf_generate": tps["ours"] / tps["hf"] if "hf" in tps else None,
             "slots": ours.last_num_slots, "params": sum(p.numel() for p in model.parameters())}
 

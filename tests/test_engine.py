@@ -69,9 +69,9 @@ def test_greedy_equals_dense_member_weights(tok):
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLE], ids=["greedy", "sampled"])
 def test_continuous_batching_equals_one_batch(tok, sampling):
     model, pop, prompts, members = _setup(tok)
-    J = 3 * len(prompts)  # 30 jobs, each prompt answered by three members
-    jobs_prompts = prompts * 3
-    jobs_members = torch.cat([members, members.roll(1), members.roll(2)])
+    J = 2 * len(prompts)  # 20 jobs, each prompt answered by two members
+    jobs_prompts = prompts * 2
+    jobs_members = torch.cat([members, members.roll(3)])
     seeds = torch.arange(J) * 7 + 1
     # EOS = a common character, so rows end at different steps and slots are refilled mid-flight
     eos = [tok.convert_tokens_to_ids("e"), tok.convert_tokens_to_ids("a")]
@@ -168,6 +168,27 @@ def test_population_row_cache_follows_in_place_member_changes():
     assert torch.equal(cached, fresh)
     assert torch.equal(cached[0], first[0]) and not torch.allclose(cached[1], first[1])
     assert not torch.allclose(step1[0], first[0])
+
+
+@pytest.mark.parametrize("members,group", [(torch.arange(8), 2), (torch.arange(4).repeat_interleave(3), 6),
+                                           (torch.tensor([5, 4, 0, 1, 1, 0, -1, 2]), 1)],
+                         ids=["pairs", "member-major", "mixed"])
+def test_grouped_and_per_row_factors_equal_dense_members(members, group):
+    """Rows sharing a noise index in runs (antithetic pairs, member-major jobs) read shared factors;
+    prompt (T > 1) and decode (T = 1) paths both equal the dense W + sigma E_i of each row."""
+    model = tiny_llama(40, init_std=0.25)
+    pop = Population(model, NoiseConfig(seed=4, rank=2), 8, sigma=0.2)
+    B = members.numel()
+    for T in (5, 1):
+        ids = torch.randint(4, 40, (B, T), generator=torch.Generator().manual_seed(T))
+        with torch.no_grad(), pop.members(members):
+            batched = model(ids).logits
+        for b, m in enumerate(members.tolist()):
+            with torch.no_grad(), pop.materialized(m) if m >= 0 else nullcontext():
+                dense = model(ids[b:b + 1]).logits[0]
+            assert torch.allclose(batched[b], dense, atol=1e-5, rtol=1e-4), (T, b, m)
+    with pop.members(members):
+        assert pop._row_factors(next(iter(pop.params)), members, torch.float32)[2].shape == (B // group, group)
 
 
 # ---- recurrent models ---------------------------------------------------------------------------
