@@ -417,6 +417,22 @@ class EggrollTrainer(Trainer):
             if wandb.run is not None:
                 wandb.log({"completions": wandb.Table(dataframe=df)})
 
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        """Models with their own ``save_pretrained`` that are not transformers models (RWKV-7) write
+        their config with the weights; everything else is saved as ``transformers.Trainer`` does."""
+        from transformers import PreTrainedModel
+        from transformers.trainer import TRAINING_ARGS_NAME
+
+        model = self.accelerator.unwrap_model(self.model)
+        if isinstance(model, PreTrainedModel) or not hasattr(model, "save_pretrained") or hasattr(model, "peft_config"):
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        model.save_pretrained(output_dir)
+        if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
     # ---- evaluation ---------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         """Rewards of the unperturbed model on the eval prompts (greedy), logged as ``eval_*``."""
