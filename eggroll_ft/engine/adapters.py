@@ -151,11 +151,19 @@ class HFCausalLMAdapter:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (R, T)
         idx = torch.as_tensor(rows, dtype=torch.long, device=input_ids.device)
         cache.prefill_rows = idx
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        # logits_to_keep slices the last position out of (R, T, C); on CPU a linear layer on that
+        # non-contiguous (R, 1, C) slice runs as a broadcast bmm over R copies of the head weight
+        # (~15x slower than the plain matmul), so the head gets a contiguous input
+        handle = head.register_forward_pre_hook(lambda mod, args: (args[0].contiguous(), *args[1:])) \
+            if head is not None else None
         try:
             out = self.model(input_ids=input_ids, attention_mask=self._mask(allowed), position_ids=position_ids,
                              use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
         finally:
             cache.prefill_rows = None
+            if handle is not None:
+                handle.remove()
         cache.valid[idx] = False
         cache.valid[idx, :T] = keys_ok
         cache.write_pos[idx] = T
