@@ -9,7 +9,7 @@ tensor, splits off a held-out part, and serves windows of consecutive bytes:
 * :class:`ByteStreams`: ``num_streams`` cursors over the training bytes; each ``next()`` returns
   ``(num_streams, seq_len + 1)`` windows (inputs plus next-byte targets) and advances every cursor
   by ``seq_len``, so a recurrent state carried across calls sees one continuous stream (truncated
-  ES, EGGROLL Sec. 6.3). A cursor that runs off the end restarts and reports a reset.
+  ES, as in EGGROLL's int8 pretraining). A cursor that runs off the end restarts and reports a reset.
 * ``eval_windows``: fixed evenly spaced windows of the held-out bytes, read from a zero state.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Integer EGGROLL: int8 low-rank perturbations, sign fitness and a +-1 update (arXiv 2511.16652, Sec. 6.3).
+"""Integer EGGROLL: int8 low-rank perturbations, sign fitness and a +-1 update (arXiv 2511.16652).
 
 The integer pretraining recipe of EGGROLL (Sarkar et al. 2025) never leaves the integers:
 

@@ -8,8 +8,10 @@ The model is ``eggroll_ft.models.mingru.FloatMinGRU``: the architecture written 
 parameter count equals the integer model's. Training is truncated backprop through time over the
 same byte streams (``batch_streams`` cursors, ``seq_len`` bytes per step, state carried and
 detached), with Adam. It reads the same YAML config as ``pretrain_mingru_int8.py`` (ES-only keys
-are accepted and ignored; its ``float:`` section holds the keys below) and logs the same metrics (``eval/bpb`` on the same held-out windows,
-``time/train_s``) to ``metrics.jsonl``; checkpoints and ``--resume`` work the same way.
+are accepted and ignored; its ``float:`` section holds the keys below) and logs the same metrics
+(``eval/bpb`` on the same held-out windows, ``time/train_s``) to ``metrics.jsonl``; checkpoints and
+``--resume`` work the same way. Its helpers (config parsing, logging, atomic saves) come from the
+int8 recipe, its sibling script.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Integer-only pretraining of a byte-level minGRU LM with EGGROLL (arXiv 2511.16652, Sec. 6.3).
+"""Integer-only pretraining of a byte-level minGRU LM with EGGROLL (arXiv 2511.16652).
 
     python recipes/pretrain_mingru_int8.py --config recipes/configs/mingru/tiny_cpu.yaml \
         --data ../shared/data/text/austen.txt --output_dir runs/mingru_int8

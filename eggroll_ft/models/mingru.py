@@ -1,4 +1,4 @@
-"""A byte-level minGRU language model, in float and in integer-only form (EGGROLL Sec. 6.3).
+"""A byte-level minGRU language model, in float and in integer-only form (EGGROLL, int8 pretraining).
 
 EGGROLL (Sarkar et al. 2025, arXiv 2511.16652) pretrains a minGRU language model whose weights
 and activations are int8 and whose forward pass uses integer arithmetic only, which no gradient
