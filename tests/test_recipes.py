@@ -22,7 +22,7 @@ from datasets import Dataset
 
 from eggroll_ft import EggrollConfig
 from eggroll_ft.callbacks import JsonlMetricsCallback, read_metrics
-from eggroll_ft.recipe_utils import check_world_size, heldout_split, train_and_evaluate
+from eggroll_ft.recipe_utils import check_world_size, heldout_split, requested_cpu_processes, train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -210,6 +210,12 @@ def test_launch_checks(monkeypatch):
     with pytest.raises(ValueError, match="WORLD_SIZE=2 .* pass --use_cpu true"):
         check_world_size(SimpleNamespace(world_size=1, use_cpu=False))
     check_world_size(SimpleNamespace(world_size=2, use_cpu=True))
+    # `accelerate launch --cpu --num_processes N` starts one process; only the launcher's argv tells N
+    cpu = {"ACCELERATE_USE_CPU": "True"}
+    assert requested_cpu_processes(cpu, ["accelerate", "launch", "--cpu", "--num-processes=3", "x.py"]) == 3
+    assert requested_cpu_processes(cpu, ["accelerate", "launch", "--cpu", "--num_processes", "1", "x.py"]) is None
+    assert requested_cpu_processes({}, ["accelerate", "launch", "--num_processes", "2", "x.py"]) is None
+    assert requested_cpu_processes({**cpu, "WORLD_SIZE": "2"}, ["--num_processes", "2"]) is None
     trainer = SimpleNamespace(reward_func_names=["countdown_format_reward"])
     with pytest.raises(ValueError, match="must include 'countdown_reward'"):
         train_and_evaluate(trainer, "countdown_reward")
