@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
         state = state.detach()
         elapsed += time.perf_counter() - t0
         step += 1
-        metrics = {"train/bpb": float(loss) / math.log(2), "time/train_s": elapsed}
+        metrics = {"train/bpb": float(loss.detach()) / math.log(2), "time/train_s": elapsed}
         if step % run.eval_every == 0 or step == run.steps:
             metrics["eval/bpb"] = held_out_bpb(model, windows)
         log.log(step, metrics)
