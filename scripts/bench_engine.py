@@ -16,7 +16,8 @@ Figures (every row a different member, rank 1, greedy, no EOS so every job runs 
 4. memory: peak resident memory of a full ES step (population generation, rewards, fitness
    shaping, in-place SGD update) over plain inference (the same engine, same slots and jobs), each
    in a fresh subprocess; peak = the kernel's high-water mark (VmHWM, reset after the model is
-   built through /proc/self/clear_refs) minus the resident memory at that point. On CUDA:
+   built through /proc/self/clear_refs) minus the resident memory at that point, with glibc told
+   to serve large blocks by mmap so that freed memory leaves the resident set. On CUDA:
    ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the allocated bytes.
 
 Repetitions of ours and the baselines are interleaved and medians reported, because the machine
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -183,7 +185,10 @@ def memory(args) -> dict:
     res = {}
     for mode in ("infer", "train", "infer", "train"):
         cmd = [sys.executable, __file__, "--memory-child", mode] + sys.argv[1:]
-        line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        # large blocks through mmap, so freed memory leaves the resident set at once and the
+        # high-water mark tracks live allocations rather than glibc's reuse of freed heap
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+        line = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1]
         res.setdefault(mode, []).append(json.loads(line)["peak_over_base_bytes"])
     infer, train = statistics.median(res["infer"]), statistics.median(res["train"])
     return {"infer_peak_mib": infer / 2**20, "train_step_peak_mib": train / 2**20, "train_over_infer": train / infer}
@@ -210,13 +215,14 @@ def main():
                     help="torch CPU threads (1: on an oversubscribed machine, OpenMP spinning makes 2 threads slower)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--memory-only", action="store_true")
     ap.add_argument("--memory-child", choices=["infer", "train"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     if args.memory_child:
         return memory_child(args)
-    result = throughput(args)
+    result = {} if args.memory_only else throughput(args)
     if not args.skip_memory:
         result["memory"] = memory(args)
     print(json.dumps(result, indent=1))
