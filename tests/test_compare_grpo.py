@@ -57,6 +57,7 @@ def test_end_to_end_in_process_writes_all_outputs(random_model, tmp_path):
     _check_outputs(out, 48)
 
 
+@pytest.mark.slow  # six short runs: ~20 s on an idle machine, minutes on a loaded one
 def test_sweep_keeps_results_and_uses_the_best(random_model, tmp_path):
     out = tmp_path / "sweep"
     compare_grpo.main(["--config", str(TINY), "--model_name_or_path", random_model, "--output_dir", str(out),
