@@ -62,7 +62,9 @@ class EggrollConfig(TrainingArguments):
     exclude_modules: Any = _help("Module names/suffixes (list) or regex (str) never perturbed.", default=None)
     # ---- generation ----------------------------------------------------------------------
     generation_backend: str = _help(f"Generation backend: one of {GENERATION_BACKENDS}.", default="engine")
-    max_sequences_in_flight: int | None = _help("Most sequences generated at once (memory bound); default all jobs of the step.", default=None)
+    max_sequences_in_flight: int | None = _help("Sequences in flight in the engine (its slots), also the unit of work across "
+                                                "processes; default from generation_memory_gb, else all jobs of the step.", default=None)
+    generation_memory_gb: float | None = _help("Memory budget (GiB) of the engine's slots when max_sequences_in_flight is unset.", default=None)
     greedy: bool = _help("Greedy decoding (the paper's Countdown setting); otherwise sample.", default=False)
     stop_strings: list[str] | None = _help("Strings that end a completion (kept in the text).", default=None)
     # ---- GRPOConfig fields with the same meaning -----------------------------------------
@@ -123,6 +125,7 @@ class EggrollConfig(TrainingArguments):
         need(self.sigma_final is None or self.sigma_final > 0, "sigma_final", "must be > 0")
         need(self.generation_backend in GENERATION_BACKENDS, "generation_backend", f"must be one of {GENERATION_BACKENDS}")
         need(self.max_sequences_in_flight is None or self.max_sequences_in_flight >= 1, "max_sequences_in_flight", "must be >= 1")
+        need(self.generation_memory_gb is None or self.generation_memory_gb > 0, "generation_memory_gb", "must be > 0")
         need(self.max_completion_length is not None and self.max_completion_length >= 1, "max_completion_length", "must be >= 1")
         need(self.max_prompt_length is None or self.max_prompt_length >= 1, "max_prompt_length", "must be >= 1")
         need(self.temperature > 0, "temperature", "must be > 0 (use greedy=True for greedy decoding)")

@@ -162,7 +162,9 @@ class Population:
         if key is None or self._rows_key is None or self._rows_key[0] is not key[0] or self._rows_key[1] != key[1]:
             self._rows.clear()
         previous, previous_key = self._row_members, self._rows_key
-        self._row_members, self._rows_key = ids, key
+        # a block where every row is unperturbed (evaluation) leaves the hooks idle
+        self._row_members = None if ids.numel() and bool((ids == UNPERTURBED).all()) else ids
+        self._rows_key = key
         try:
             yield self
         finally:
