@@ -12,3 +12,6 @@ if str(ROOT) not in sys.path:  # rewards/ and recipes/ live beside the package
     sys.path.insert(0, str(ROOT))
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# scripts that tests run in subprocesses, not test modules (doctest collection would execute them)
+collect_ignore = ["data"]
