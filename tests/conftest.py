@@ -15,3 +15,16 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 # scripts that tests run in subprocesses, not test modules (doctest collection would execute them)
 collect_ignore = ["data"]
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny ops on a shared, oversubscribed CPU run far faster single-threaded; restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

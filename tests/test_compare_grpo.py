@@ -23,12 +23,7 @@ def random_model(tmp_path_factory):
     return build_tiny_random_llama(str(tmp_path_factory.mktemp("cmp") / "rand"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _check_outputs(out: Path, budget_completions: int):

@@ -15,13 +15,7 @@ GREEDY = SamplingParams(greedy=True)
 SAMPLE = SamplingParams(temperature=1.3, top_k=20, top_p=0.95)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops on a shared, oversubscribed CPU run far faster single-threaded; restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "recipes" / "configs" / "rl").glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny policies: intra-op threads only add contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_policy(obs_dim=5, action_dim=3, discrete=True, seed=0, **kw):

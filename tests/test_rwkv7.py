@@ -21,13 +21,7 @@ SEQS = [[33155, 40213, 11, 261, 5, 65000, 100, 9, 3000, 42, 7, 12],
 SPLIT = 5  # the state carried across two calls, split after this many tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops on a shared, oversubscribed CPU run far faster single-threaded; restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def official_random_checkpoint(seed: int = 0) -> dict[str, torch.Tensor]:

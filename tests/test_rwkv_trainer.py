@@ -26,12 +26,7 @@ ALPHABET = "abcdefgh "
 PROMPTS = ["abc", "hgf", "dde", "bag", "cab", "fed", "ggh", "ace"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; small matmuls gain nothing from threads
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def char_rwkv(tok, seed=0, width=64, layers=2):

@@ -14,13 +14,7 @@ TINY = ["--steps", "40", "--hidden_size", "32", "--num_layers", "1", "--num_head
         "--num_eval", "8", "--batch_size", "16", "--warmup_steps", "5", "--lr", "1e-2", "--max_new_tokens", "12"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The build runs on one thread; so does the re-training here, for speed on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
