@@ -51,27 +51,19 @@ def cache_dir() -> str:
     return os.environ.get("EGGROLL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "eggroll_ft")
 
 
-def build_tiny_random_llama(path: str) -> str:
-    """Save a random 2-layer, 32-wide Llama with a character tokenizer (``eggroll_ft.testing``) at ``path``.
+def build_dir_atomically(path: str, build) -> str:
+    """Run ``build(tmp_dir)`` in a temporary sibling of ``path`` and rename it into place.
 
-    A smoke-run model that loads offline with ``from_pretrained``; it earns ~0 reward on any task.
-    Built into a temporary sibling and renamed into place, so a concurrent or interrupted build
-    never leaves half a checkpoint.
+    Returns ``path``; does nothing when ``path`` already holds a ``config.json``. A concurrent or
+    interrupted build never leaves half a checkpoint: the directory appears complete or not at all.
     """
-    from .testing import char_tokenizer, tiny_llama
-
     path = os.path.abspath(path)
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.building-", dir=os.path.dirname(path))
     try:
-        tok = char_tokenizer()
-        model = tiny_llama(len(tok), seed=0)
-        model.generation_config.eos_token_id = tok.eos_token_id
-        model.generation_config.pad_token_id = tok.pad_token_id
-        tok.save_pretrained(tmp)
-        model.save_pretrained(tmp)
+        build(tmp)
         try:
             os.replace(tmp, path)
         except OSError:
@@ -80,6 +72,25 @@ def build_tiny_random_llama(path: str) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def build_tiny_random_llama(path: str) -> str:
+    """Save a random 2-layer, 32-wide Llama with a character tokenizer (``eggroll_ft.testing``) at ``path``.
+
+    A smoke-run model that loads offline with ``from_pretrained``; it earns ~0 reward on any task.
+    Built atomically (``build_dir_atomically``).
+    """
+    from .testing import char_tokenizer, tiny_llama
+
+    def build(tmp):
+        tok = char_tokenizer()
+        model = tiny_llama(len(tok), seed=0)
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
+        tok.save_pretrained(tmp)
+        model.save_pretrained(tmp)
+
+    return build_dir_atomically(path, build)
 
 
 def resolve_model_name(name: str) -> str:

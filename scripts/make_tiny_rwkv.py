@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 
 import torch
 
 from eggroll_ft.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
+from eggroll_ft.recipe_utils import build_dir_atomically, cache_dir
 from eggroll_ft.models.rwkv_tokenizer import RWKVWorldTokenizer
 
 NAME = "tiny-random-rwkv7"
@@ -31,8 +30,7 @@ NAME = "tiny-random-rwkv7"
 
 def default_path() -> str:
     """$EGGROLL_CACHE/tiny-random-rwkv7, else ~/.cache/eggroll_ft/tiny-random-rwkv7."""
-    root = os.environ.get("EGGROLL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "eggroll_ft")
-    return os.path.join(root, NAME)
+    return os.path.join(cache_dir(), NAME)
 
 
 def build_tiny_rwkv(output_dir: str, hidden_size: int = 64, num_layers: int = 2, head_size: int = 32,
@@ -48,21 +46,7 @@ def build_tiny_rwkv(output_dir: str, hidden_size: int = 64, num_layers: int = 2,
 
 def ensure_tiny_rwkv(path: str | None = None, **kwargs) -> str:
     """``path`` (default ``default_path()``) holding a tiny random RWKV-7, built on first use."""
-    path = os.path.abspath(path or default_path())
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.building-", dir=os.path.dirname(path))
-    try:
-        build_tiny_rwkv(tmp, **kwargs)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if not os.path.isfile(os.path.join(path, "config.json")):  # not a concurrent build's win
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return build_dir_atomically(path or default_path(), lambda tmp: build_tiny_rwkv(tmp, **kwargs))
 
 
 def main(argv: list[str] | None = None) -> str:
