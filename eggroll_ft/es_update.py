@@ -77,9 +77,9 @@ def apply_es_update(pop: Population, fitness: torch.Tensor, optimizer=None, lr: 
     * any other optimizer (Adam, AdamW, SGD with momentum): ``W.grad = -g`` for the caller's
       ``optimizer.step()``.
     """
-    w = noise_weights(fitness.flatten().to(torch.float32), pop.noise.antithetic)
     if fitness.numel() != pop.population_size:
         raise ValueError(f"fitness has {fitness.numel()} entries, population_size={pop.population_size}")
+    w = noise_weights(fitness.flatten(), pop.noise.antithetic)
     fused = optimizer is None or is_plain_sgd(optimizer)
     if fused and lr is None:
         lr = optimizer.param_groups[0]["lr"]

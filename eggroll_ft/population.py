@@ -119,6 +119,7 @@ class Population:
         # (name, dtype) -> (B_u (U, r, n), A_u (U, r, m), scale (U, G)); see _row_factors
         self._rows: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self._rows_key: tuple | None = None
+        self._rows_members: torch.Tensor | None = None  # the validated ids of the block keyed by _rows_key
         self._handles = []
         modules = select_linear_modules(model, perturb_modules, exclude_modules)
         if not modules:
@@ -154,24 +155,27 @@ class Population:
         ``member_ids`` tensor is passed again unmodified (the engine re-enters a block with its slot
         tensor every decode step; an in-place change of that tensor regathers).
         """
-        ids = torch.as_tensor(member_ids, dtype=torch.long).flatten()
-        if ids.numel() and (int(ids.max()) >= self.population_size or int(ids.min()) < UNPERTURBED):
-            raise ValueError(f"member ids must lie in [-1, {self.population_size}), got "
-                             f"[{int(ids.min())}, {int(ids.max())}]")
         key = (member_ids, member_ids._version) if torch.is_tensor(member_ids) else None
-        if key is None or self._rows_key is None or self._rows_key[0] is not key[0] or self._rows_key[1] != key[1]:
+        rows_key = self._rows_key
+        if key is not None and rows_key is not None and rows_key[0] is key[0] and rows_key[1] == key[1]:
+            active = self._rows_members  # the same tensor again (every decode step): checked already
+        else:  # validate (a device sync on GPU) only when the member tensor changes
             self._rows.clear()
-        previous, previous_key = self._row_members, self._rows_key
-        # a block where every row is unperturbed (evaluation) leaves the hooks idle
-        self._row_members = None if ids.numel() and bool((ids == UNPERTURBED).all()) else ids
-        self._rows_key = key
+            ids = torch.as_tensor(member_ids, dtype=torch.long).flatten()
+            if ids.numel() and (int(ids.max()) >= self.population_size or int(ids.min()) < UNPERTURBED):
+                raise ValueError(f"member ids must lie in [-1, {self.population_size}), got "
+                                 f"[{int(ids.min())}, {int(ids.max())}]")
+            # a block where every row is unperturbed (evaluation) leaves the hooks idle
+            active = None if ids.numel() and bool((ids == UNPERTURBED).all()) else ids
+        previous = (self._row_members, self._rows_key, self._rows_members)
+        self._row_members, self._rows_key, self._rows_members = active, key, active
         try:
             yield self
         finally:
-            self._row_members = previous
-            if previous is not None:  # back in an outer block: its rows are regathered lazily
+            self._row_members = previous[0]
+            if previous[0] is not None:  # back in an outer block: its rows are regathered lazily
                 self._rows.clear()
-                self._rows_key = previous_key
+                self._rows_key, self._rows_members = previous[1], previous[2]
 
     def remove(self) -> None:
         """Detach every hook: the model is back to a plain model."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
@@ -32,20 +31,9 @@ from eggroll_ft import NoiseConfig, Population
 from eggroll_ft.engine import PopulationEngine, SamplingParams
 from eggroll_ft.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
 
+from bench_engine import sync, timed  # noqa: E402  (scripts/ is on sys.path when run as a script)
+
 SIZES = {"tiny": dict(width=64, layers=2, head_size=32), "mid": dict(width=768, layers=12, head_size=64)}
-
-
-def sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, device) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
 
 
 def bench(size: str, a) -> dict:
