@@ -19,6 +19,21 @@ import sys
 import tempfile
 import time
 
+from transformers import TrainerCallback
+
+
+class StepTimer(TrainerCallback):
+    """Wall-clock of each training step (every process leaves a step together: the rewards gather)."""
+
+    def __init__(self):
+        self.times, self._t = [], None
+
+    def on_step_begin(self, args, state, control, **kw):
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        self.times.append(time.perf_counter() - self._t)
+
 
 def worker(out: str, steps: int, hidden: int, layers: int, population: int, prompts: int, tokens: int):
     from datasets import Dataset
@@ -34,15 +49,59 @@ def worker(out: str, steps: int, hidden: int, layers: int, population: int, prom
                          learning_rate=0.01, prompts_per_step=prompts, max_completion_length=tokens,
                          max_sequences_in_flight=jobs // 2, report_to="none",
                          use_cpu=True, save_strategy="no", logging_steps=steps, disable_tqdm=True)
-    trainer = EggrollTrainer(model, char_fraction_reward("a"), args=args, train_dataset=ds, processing_class=tok)
-    trainer.train()  # warm-up step timing is included in step_time; we use the median step
+    step_times = StepTimer()
+    trainer = EggrollTrainer(model, char_fraction_reward("a"), args=args, train_dataset=ds, processing_class=tok,
+                             callbacks=[step_times])
+    trainer.train()
     if trainer.is_world_process_zero():
         with open(os.path.join(out, "bench.json"), "w") as f:
             json.dump({"train_runtime": trainer.state.log_history[-1]["train_runtime"], "jobs": jobs,
-                       "steps": steps}, f)
+                       "steps": steps, "step_times": step_times.times}, f)
 
 
-def run(nproc: int, threads: int, a) -> float:
+def ceiling_worker(hidden: int, seconds_out: str):
+    """The machine's own limit: a fixed decode-like torch workload (small linears, one thread), no
+    eggroll_ft, no communication. Run alone and as two concurrent copies by ``ceiling``."""
+    import torch
+
+    torch.set_num_threads(1)
+    x, w = torch.randn(64, hidden), torch.randn(hidden, hidden)
+    for _ in range(200):
+        torch.nn.functional.linear(x, w)
+    t = time.perf_counter()
+    for _ in range(20000 * 128 // hidden):
+        torch.nn.functional.linear(x, w)
+    with open(seconds_out, "w") as f:
+        f.write(str(time.perf_counter() - t))
+
+
+def ceiling(nproc: int, hidden: int) -> float:
+    """Throughput of ``nproc`` concurrent copies of ``ceiling_worker`` over one copy alone."""
+    def launch(k):
+        outs = [tempfile.mktemp(prefix="ceiling_") for _ in range(k)]
+        procs = [subprocess.Popen([sys.executable, __file__, "--ceiling-worker", o, "--hidden", str(hidden)],
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"}) for o in outs]
+        for p in procs:
+            p.wait()
+        return [float(open(o).read()) for o in outs]
+
+    alone = launch(1)[0]
+    together = launch(nproc)
+    return nproc * alone / max(together)
+
+
+def _free_port() -> int:
+    """A free TCP port for this run's rendezvous (torchrun's default 29500 may still be held by the
+    previous run's socket)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(nproc: int, threads: int, a) -> tuple[float, float]:
+    """(samples/s over the whole training, samples/s of the median step after the first)."""
     out = tempfile.mkdtemp(prefix=f"scaleout{nproc}_")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     worker_args = ["--worker", out, "--steps", str(a.steps), "--hidden", str(a.hidden), "--layers", str(a.layers),
@@ -50,16 +109,20 @@ def run(nproc: int, threads: int, a) -> float:
     if nproc == 1:
         cmd = [sys.executable, __file__, *worker_args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), __file__, *worker_args]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(_free_port()), __file__, *worker_args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     with open(os.path.join(out, "bench.json")) as f:
         r = json.load(f)
-    return r["jobs"] * r["steps"] / r["train_runtime"]
+    return r["jobs"] * r["steps"] / r["train_runtime"], r["jobs"] / statistics.median(r["step_times"][1:])
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--worker", default=None)
+    p.add_argument("--ceiling-worker", default=None)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the 1-process baseline")
     p.add_argument("--repeats", type=int, default=3)
@@ -70,17 +133,23 @@ def main():
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--tokens", type=int, default=24)
     a = p.parse_args()
+    if a.ceiling_worker:
+        return ceiling_worker(a.hidden, a.ceiling_worker)
     if a.worker:
         return worker(a.worker, a.steps, a.hidden, a.layers, a.population, a.prompts, a.tokens)
     one, many = [], []
     for _ in range(a.repeats):
         one.append(run(1, a.threads, a))
         many.append(run(a.nproc, 1, a))
-        print(f"1 process ({a.threads} thread(s)): {one[-1]:.1f} samples/s   {a.nproc} processes: {many[-1]:.1f} samples/s",
-              flush=True)
-    m1, mk = statistics.median(one), statistics.median(many)
-    print(f"median samples/s: 1 process {m1:.1f}, {a.nproc} processes {mk:.1f}; ratio {mk / m1:.2f}x "
-          f"(load average {os.getloadavg()[0]:.1f})")
+        print(f"1 process ({a.threads} thread(s)): {one[-1][0]:.1f} samples/s (median step {one[-1][1]:.1f})   "
+              f"{a.nproc} processes: {many[-1][0]:.1f} samples/s (median step {many[-1][1]:.1f})", flush=True)
+    for k, what in ((0, "whole training (train_runtime)"), (1, "median step (steady state)")):
+        m1, mk = statistics.median(r[k] for r in one), statistics.median(r[k] for r in many)
+        print(f"{what}: median samples/s 1 process {m1:.1f}, {a.nproc} processes {mk:.1f}; ratio {mk / m1:.2f}x")
+    ceilings = [ceiling(a.nproc, a.hidden) for _ in range(a.repeats)]
+    print(f"machine ceiling ({a.nproc} concurrent copies of a plain torch decode-like loop over 1, no eggroll_ft): "
+          f"{statistics.median(ceilings):.2f}x ({', '.join(f'{c:.2f}' for c in ceilings)})")
+    print(f"load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
