@@ -17,6 +17,10 @@ The integer pretraining recipe of EGGROLL (Sarkar et al. 2025) never leaves the 
 4. **Truncated ES.** Members of a group of ``group_size`` (whole antithetic pairs) read the same
    byte stream; the recurrent state of every member is carried from step to step.
 
+Every tensor is made on the model's device: the factors are hashed where the pair ids live, the
+members, signs and fitness sit with the weights, and the int32 vote goes through
+:func:`eggroll_ft.models.mingru.int_mm` (zero-padded to CUDA-legal shapes off the CPU).
+
 This module knows the model only through ``IntMinGRU`` and ``weight_shapes``; it knows nothing of
 files, logging or checkpoints.
 """
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models.mingru import IntMinGRU, LowRank, int_log_softmax, weight_shapes
+from .models.mingru import IntMinGRU, LowRank, int_log_softmax, int_mm, weight_shapes
 from .noise import NoiseConfig, _splitmix64, _srl
 
 FACTOR_MAX = 63  # int8 factors lie in [-63, 63]
@@ -83,17 +87,18 @@ class IntegerESConfig:
 
 def int8_factors(noise: NoiseConfig, step: int, name: str, shape: tuple[int, int],
                  pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``A (K, m, r)``, ``B (K, n, r)`` int8 for the antithetic pairs asked for.
+    """``A (K, m, r)``, ``B (K, n, r)`` int8 for the antithetic pairs asked for, on ``pairs``' device.
 
     Pure function of ``(seed, step // noise_reuse, name, pair, element)``: the same hash counter
     layout as :func:`eggroll_ft.noise.noise_block`, but the 64-bit hash is read as two 6-bit
-    uniforms ``u1 - u2`` (triangular, symmetric on [-63, 63]) instead of a Gaussian.
+    uniforms ``u1 - u2`` (triangular, symmetric on [-63, 63]) instead of a Gaussian. The hash is
+    wrapping int64 arithmetic, so every device draws the same bits.
     """
     m, n = shape
     r = noise.rank
     size = (m + n) * r
     idx = pairs.to(torch.int64)
-    counter = idx[:, None] * size + torch.arange(size, dtype=torch.int64)[None, :]
+    counter = idx[:, None] * size + torch.arange(size, dtype=torch.int64, device=idx.device)[None, :]
     h = _splitmix64(_splitmix64(counter ^ noise.key(step, name)))
     v = ((h & 63) - _srl(h, 58)).to(torch.int8).view(-1, m + n, r)  # (K, m + n, r)
     return v[:, :m], v[:, m:]
@@ -121,12 +126,15 @@ def pair_fitness(scores: torch.Tensor) -> torch.Tensor:
 
 def accumulate(noise: NoiseConfig, step: int, name: str, shape: tuple[int, int],
                fitness: torch.Tensor) -> torch.Tensor:
-    """``sum_k F_k A_k B_k^T`` as one int8 x int8 -> int32 matmul. ``fitness (K,)`` -> ``(m, n)``."""
+    """``sum_k F_k A_k B_k^T`` as one int8 x int8 -> int32 matmul. ``fitness (K,)`` -> ``(m, n)``.
+
+    Runs on ``fitness``' device; :func:`int_mm` pads ``(m, K r) x (K r, n)`` to CUDA-legal sizes there.
+    """
     k = fitness.shape[0]
-    a, b = int8_factors(noise, step, name, shape, torch.arange(k))  # (K, m, r), (K, n, r)
+    a, b = int8_factors(noise, step, name, shape, torch.arange(k, device=fitness.device))  # (K, m, r), (K, n, r)
     af = (a * fitness.view(k, 1, 1)).permute(1, 0, 2).reshape(shape[0], -1)  # (m, K r) int8
     bf = b.permute(1, 0, 2).reshape(shape[1], -1)  # (n, K r) int8
-    return torch._int_mm(af, bf.T.contiguous())  # (m, n) int32
+    return int_mm(af, bf)  # (m, n) int32
 
 
 def threshold_update(weight: torch.Tensor, acc: torch.Tensor, fraction: float) -> tuple[torch.Tensor, int]:
@@ -149,9 +157,10 @@ class IntegerEggroll:
     """Integer ES on an :class:`IntMinGRU`: score the population, then update it in place."""
 
     def __init__(self, model: IntMinGRU, cfg: IntegerESConfig):
+        """Member ids live on the model's device: move the model (``IntMinGRU.to``) before this."""
         self.model, self.cfg = model, cfg
         self.shapes = weight_shapes(model.cfg)
-        self.members = torch.arange(cfg.population_size)
+        self.members = torch.arange(cfg.population_size, device=model.device)
 
     def rows_from_streams(self, chunk: torch.Tensor) -> torch.Tensor:
         """``(num_streams, T+1)`` byte windows -> ``(population_size, T+1)``: a group shares one."""
@@ -160,7 +169,8 @@ class IntegerEggroll:
     def scores(self, step: int, rows: torch.Tensor, state: torch.Tensor):
         """Summed int log2-likelihood (1/256 bit) of each member on its row. ``rows (N, T+1)``.
 
-        Returns ``scores (N,)`` int32 and the carried state ``(L, N, D)`` int8.
+        ``rows`` and ``state`` on the model's device. Returns ``scores (N,)`` int32 and the carried
+        state ``(L, N, D)`` int8.
         """
         chunk = self.cfg.member_chunk or self.cfg.population_size
         scores, states = [], []

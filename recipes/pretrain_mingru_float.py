@@ -10,8 +10,9 @@ same byte streams (``batch_streams`` cursors, ``seq_len`` bytes per step, state 
 detached), with Adam. It reads the same YAML config as ``pretrain_mingru_int8.py`` (ES-only keys
 are accepted and ignored; its ``float:`` section holds the keys below) and logs the same metrics
 (``eval/bpb`` on the same held-out windows, ``time/train_s``) to ``metrics.jsonl``; checkpoints and
-``--resume`` work the same way. Its helpers (config parsing, logging, atomic saves) come from the
-int8 recipe, its sibling script.
+``--resume`` work the same way, and so does ``--device`` (plain float torch: model, windows and
+state on the device; the checkpoint loads onto the run's device). Its helpers (config parsing,
+logging, atomic saves, the device choice) come from the int8 recipe, its sibling script.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from tqdm import tqdm
 
 from eggroll_ft.bytes_data import ByteStreams, eval_windows, load_byte_splits, unigram_entropy
 from eggroll_ft.models.mingru import FloatMinGRU, MinGRUConfig, num_params
-from pretrain_mingru_int8 import ESArgs, MetricsLog, RunArgs, parse_config, save_atomic, truncate_metrics
+from pretrain_mingru_int8 import (ESArgs, MetricsLog, RunArgs, parse_config, resolve_device, save_atomic,
+                                  truncate_metrics)
 
 
 @dataclass
@@ -51,20 +53,21 @@ def main(argv=None) -> dict:
         torch.set_num_threads(run.threads)
     torch.manual_seed(run.seed)
     cfg = MinGRUConfig(d_model=run.d_model, n_layers=run.n_layers, mlp_mult=run.mlp_mult)
+    device = resolve_device(run.device)
     train, held = load_byte_splits(run.data, run.eval_fraction, run.max_bytes)
-    windows = eval_windows(held, run.eval_windows, run.eval_len)
-    model = FloatMinGRU(cfg, run.seed)
+    windows = eval_windows(held, run.eval_windows, run.eval_len).to(device)
+    model = FloatMinGRU(cfg, run.seed).to(device)  # drawn on the CPU, then moved
     opt = torch.optim.Adam(model.parameters(), lr=fl.lr)
     streams = ByteStreams(train, fl.batch_streams, run.seq_len, run.seed)
     state = model.init_state(fl.batch_streams)  # (L, B, D), carried and detached
     step, elapsed = 0, 0.0
     ckpt_path = os.path.join(run.output_dir, "checkpoint.pt")
     if run.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path)
+        ck = torch.load(ckpt_path, map_location="cpu")  # the loads below move it to the model's device
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         streams.load_state_dict(ck["streams"])
-        state, step, elapsed = ck["state"], ck["step"], ck["elapsed"]
+        state, step, elapsed = ck["state"].to(device), ck["step"], ck["elapsed"]
         truncate_metrics(run.output_dir, step)
     log = MetricsLog(run.output_dir, run.report_to, {**asdict(run), **asdict(fl)}, resume=run.resume and step > 0)
     if step == 0:
@@ -72,14 +75,16 @@ def main(argv=None) -> dict:
                     "info/params": num_params(cfg), "info/unigram_bits": unigram_entropy(held)})
 
     def checkpoint():
-        save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "streams": streams.state_dict(),
-                     "state": state, "step": step, "elapsed": elapsed, "config": asdict(cfg)}, ckpt_path)
+        save_atomic({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "optimizer": opt.state_dict(),
+                     "streams": streams.state_dict(), "state": state.cpu(), "step": step, "elapsed": elapsed,
+                     "config": asdict(cfg)}, ckpt_path)
 
     bar = tqdm(total=run.steps, initial=step, desc="float Adam", dynamic_ncols=True)
     stop = min(run.steps, run.stop_at_step or run.steps)
     while step < stop and not (run.max_minutes and elapsed >= 60 * run.max_minutes):
         t0 = time.perf_counter()
-        chunk, reset = streams.next()  # (B, T+1), (B,)
+        chunk, reset = streams.next()  # (B, T+1), (B,) on the CPU
+        chunk, reset = chunk.to(device), reset.to(device)
         state = torch.where(reset.view(1, -1, 1), 0.0, state)
         logits, state = model(chunk[:, :-1], state)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1))

@@ -16,7 +16,10 @@ Each step, compared with backprop pretraining:
 
 Logs train and held-out bits per byte to ``<output_dir>/metrics.jsonl`` (always) and to
 tensorboard/wandb with ``--report_to``; checkpoints atomically; ``--resume`` continues the run
-bit for bit. The float backprop baseline (``pretrain_mingru_float.py``) reuses the helpers here.
+bit for bit. ``--device`` (default ``auto``: CUDA when available) holds the model, the byte
+windows and the carried state; checkpoints are saved on the CPU and load onto the run's device, so
+a run can move between devices. The float backprop baseline (``pretrain_mingru_float.py``) reuses
+the helpers here.
 """
 from __future__ import annotations
 
@@ -60,10 +63,13 @@ class RunArgs:
     resume: bool = field(default=False, metadata={"help": "continue from <output_dir>/checkpoint.pt"})
     report_to: str = field(default="none", metadata={"help": "none | tensorboard | wandb"})
     threads: int = field(default=0, metadata={"help": "torch threads (0 = torch default)"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available, else cpu) | cpu | cuda | cuda:N"})
 
     def __post_init__(self):
         if self.report_to not in ("none", "tensorboard", "wandb"):
             raise ValueError(f"report_to={self.report_to!r} must be none, tensorboard or wandb")
+        if self.device != "auto":
+            torch.device(self.device)  # raises on a malformed device name
         for name in ("seq_len", "steps", "eval_every", "eval_windows", "eval_len", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -137,6 +143,13 @@ class MetricsLog:
             self.wandb.finish()
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> ``cuda`` when CUDA is available, else ``cpu``; any other name as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def save_atomic(obj, path: str) -> None:
     """``torch.save`` to a temporary file then ``os.replace``: a crash never leaves half a checkpoint."""
     tmp = path + ".tmp"
@@ -156,7 +169,7 @@ def truncate_metrics(output_dir: str, step: int) -> None:
 
 
 def held_out_bpb(model: IntMinGRU, windows: torch.Tensor) -> float:
-    """Exact bits per byte of the (unperturbed) integer model on the held-out windows."""
+    """Exact bits per byte of the (unperturbed) integer model on the held-out windows (on its device)."""
     logits, _ = model(windows[:, :-1], model.init_state(windows.shape[0]))
     return float(exact_bits(logits, windows[:, 1:]).mean())
 
@@ -173,19 +186,20 @@ def main(argv=None) -> dict:
                              update_fraction=es_args.update_fraction,
                              update_fraction_final=es_args.update_fraction_final, total_steps=run.steps,
                              member_chunk=es_args.member_chunk)
+    device = resolve_device(run.device)
     train, held = load_byte_splits(run.data, run.eval_fraction, run.max_bytes)
-    windows = eval_windows(held, run.eval_windows, run.eval_len)
-    model = IntMinGRU.init(cfg, run.seed)
+    windows = eval_windows(held, run.eval_windows, run.eval_len).to(device)
+    model = IntMinGRU.init(cfg, run.seed, device=device)  # drawn on the CPU, then moved
     es = IntegerEggroll(model, es_cfg)
-    streams = ByteStreams(train, es_cfg.num_streams, run.seq_len, run.seed)
+    streams = ByteStreams(train, es_cfg.num_streams, run.seq_len, run.seed)  # cursors stay on the CPU
     state = model.init_state(es_cfg.population_size)  # (L, N, D) int8, carried across steps
     step, elapsed = 0, 0.0
     ckpt_path = os.path.join(run.output_dir, "checkpoint.pt")
     if run.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path)
-        model.weights.update(ck["weights"])
+        ck = torch.load(ckpt_path, map_location="cpu")
+        model.weights.update({k: w.to(device) for k, w in ck["weights"].items()})
         streams.load_state_dict(ck["streams"])
-        state, step, elapsed = ck["state"], ck["step"], ck["elapsed"]
+        state, step, elapsed = ck["state"].to(device), ck["step"], ck["elapsed"]
         truncate_metrics(run.output_dir, step)
     log = MetricsLog(run.output_dir, run.report_to, {**asdict(run), **asdict(es_args)},
                      resume=run.resume and step > 0)
@@ -193,14 +207,16 @@ def main(argv=None) -> dict:
         log.log(0, {"eval/bpb": held_out_bpb(model, windows), "time/train_s": 0.0,
                     "info/params": num_params(cfg), "info/unigram_bits": unigram_entropy(held)})
     def checkpoint():
-        save_atomic({"weights": model.weights, "shifts": model.shifts, "streams": streams.state_dict(),
-                     "state": state, "step": step, "elapsed": elapsed, "config": asdict(cfg)}, ckpt_path)
+        save_atomic({"weights": {k: w.cpu() for k, w in model.weights.items()}, "shifts": model.shifts,
+                     "streams": streams.state_dict(), "state": state.cpu(), "step": step, "elapsed": elapsed,
+                     "config": asdict(cfg)}, ckpt_path)
 
     bar = tqdm(total=run.steps, initial=step, desc="int8 EGGROLL", dynamic_ncols=True)
     stop = min(run.steps, run.stop_at_step or run.steps)
     while step < stop and not (run.max_minutes and elapsed >= 60 * run.max_minutes):
         t0 = time.perf_counter()
-        chunk, reset = streams.next()  # (S, T+1), (S,)
+        chunk, reset = streams.next()  # (S, T+1), (S,) on the CPU
+        chunk, reset = chunk.to(device), reset.to(device)
         state[:, reset[es.members // es_cfg.group_size]] = 0  # a restarted stream starts fresh
         scores, state = es.scores(step, es.rows_from_streams(chunk), state)  # (N,) int32
         info = es.update(step, scores)

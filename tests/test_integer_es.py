@@ -8,6 +8,7 @@ from conftest import SHARED_DATA
 from eggroll_ft.bytes_data import ByteStreams, bytes_of, eval_windows, load_byte_splits, unigram_entropy
 from eggroll_ft.integer_es import (
     IntegerEggroll, IntegerESConfig, accumulate, int8_factors, member_sign, pair_fitness, threshold_update)
+from eggroll_ft.models import mingru
 from eggroll_ft.models.mingru import IntMinGRU, MinGRUConfig, num_params
 from eggroll_ft.noise import NoiseConfig
 
@@ -42,6 +43,20 @@ def test_accumulate_equals_explicit_sum():
     a, b = int8_factors(NOISE, 2, "head", (7, 5), torch.arange(5))
     ref = sum(int(f) * (a[k].to(torch.int64) @ b[k].to(torch.int64).T) for k, f in enumerate(fitness))
     assert acc.dtype == torch.int32 and torch.equal(acc.to(torch.int64), ref)
+
+
+def test_accumulate_padded_for_cuda_equals_unpadded(monkeypatch):
+    # awkward shapes: m = 5 rows (CUDA needs > 16), K r = 3 and 65 (not multiples of 8), n = 33
+    noise1 = NoiseConfig(seed=3, rank=1)
+    votes = torch.randint(-1, 2, (65,), generator=torch.Generator().manual_seed(0)).to(torch.int8)
+    cases = [(NOISE, (7, 5), torch.tensor([1, -1, 0, 1, 1], dtype=torch.int8)),
+             (noise1, (5, 33), torch.tensor([1, -1, 1], dtype=torch.int8)),
+             (noise1, (5, 33), votes)]
+    plain = [accumulate(noise, 2, "head", shape, f) for noise, shape, f in cases]
+    monkeypatch.setattr(mingru, "PAD_INT_MM", True)
+    for (noise, shape, f), ref in zip(cases, plain):
+        out = accumulate(noise, 2, "head", shape, f)
+        assert out.dtype == torch.int32 and out.shape == shape and torch.equal(out, ref)
 
 
 def test_threshold_update_moves_by_one_within_int8():
@@ -103,6 +118,19 @@ def test_same_seed_runs_are_bit_identical():
     assert torch.equal(s1, s2)
     assert all(torch.equal(a[1], b[1]) for a, b in zip(h1, h2))
     assert any(not torch.equal(m1.weights[k], m3.weights[k]) for k in m1.weights)
+
+
+def test_cuda_style_paths_give_the_same_run_bit_for_bit(monkeypatch):
+    """Scores, carried state, updates and diagnostics of whole ES steps, with the elementwise
+    low-rank products and the padded _int_mm forced on, equal the CPU default run."""
+    m1, s1, h1 = _run(3)
+    monkeypatch.setattr(mingru, "LOWRANK_IMPL", "elementwise")
+    monkeypatch.setattr(mingru, "PAD_INT_MM", True)
+    m2, s2, h2 = _run(3)
+    assert all(torch.equal(m1.weights[k], m2.weights[k]) for k in m1.weights) and torch.equal(s1, s2)
+    for (before1, scores1, info1), (before2, scores2, info2) in zip(h1, h2):
+        assert torch.equal(scores1, scores2) and info1 == info2
+        assert all(torch.equal(before1[k], before2[k]) for k in before1)
 
 
 def test_group_members_share_data_and_pairs_differ_only_by_sign():

@@ -8,28 +8,50 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from eggroll_ft.integer_es import IntegerESConfig, member_lowrank
+from eggroll_ft.integer_es import IntegerESConfig, accumulate, int8_factors, member_lowrank, member_sign
+from eggroll_ft.models import mingru
 from eggroll_ft.models.mingru import (
-    FloatMinGRU, IntMinGRU, MinGRUConfig, exact_bits, int_log_softmax, num_params, weight_shapes)
+    FloatMinGRU, IntMinGRU, LowRank, MinGRUConfig, exact_bits, int_log_softmax, int_matmul, int_mm, lowrank_mm,
+    num_params, tables, weight_shapes)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = MinGRUConfig(d_model=8, n_layers=2, mlp_mult=2, vocab_size=16, init_std=16)
 
 
 class DtypeRecorder(TorchFunctionMode):
-    """Records the dtype of every tensor that any torch op returns while active."""
+    """Records the dtype and device of every tensor that any torch op returns while active, the
+    integer matmuls CUDA torch lacks (``bmm``/``mm``/``matmul`` on integers) and the shapes of
+    every ``torch._int_mm`` call."""
 
     def __init__(self):
         super().__init__()
-        self.dtypes, self.ops = [], 0
+        self.dtypes, self.devices, self.ops, self.int_matmuls, self.int_mm_shapes = [], set(), 0, [], []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.ops += 1
+        name = getattr(func, "__name__", "")
+        if name == "_int_mm":
+            self.int_mm_shapes.append((*args[0].shape, args[1].shape[1]))  # (M, K, N)
+        elif name in ("bmm", "mm", "matmul", "__matmul__") and not out.dtype.is_floating_point:
+            self.int_matmuls.append(name)
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
             if isinstance(t, torch.Tensor):
                 self.dtypes.append(t.dtype)
+                self.devices.add(t.device.type)
         return out
+
+    def assert_cuda_legal(self):
+        """No integer bmm/mm, and every _int_mm has M > 16 rows and K, N multiples of 8."""
+        assert self.int_matmuls == []
+        assert self.int_mm_shapes and all(m > 16 and k % 8 == 0 and n % 8 == 0 for m, k, n in self.int_mm_shapes)
+
+
+@pytest.fixture
+def cuda_paths(monkeypatch):
+    """Force the CUDA-style kernels (elementwise low-rank products, padded _int_mm) on the CPU."""
+    monkeypatch.setattr(mingru, "LOWRANK_IMPL", "elementwise")
+    monkeypatch.setattr(mingru, "PAD_INT_MM", True)
 
 
 def _tiny_population(seed=0, step=3, members=(0, 1, 4, 5, -1)):
@@ -47,7 +69,10 @@ def _tiny_population(seed=0, step=3, members=(0, 1, 4, 5, -1)):
     return model, lowrank, tokens, state
 
 
-def test_integer_forward_creates_only_integer_tensors():
+@pytest.mark.parametrize("paths", ["default", "cuda"])
+def test_integer_forward_creates_only_integer_tensors(paths, request):
+    if paths == "cuda":
+        request.getfixturevalue("cuda_paths")
     model, lowrank, tokens, state = _tiny_population()
     with DtypeRecorder() as rec:
         logits, new_state = model(tokens, state, lowrank)
@@ -56,6 +81,80 @@ def test_integer_forward_creates_only_integer_tensors():
     floats = [d for d in rec.dtypes if d.is_floating_point or d.is_complex]
     assert floats == []
     assert logits.dtype == torch.int8 and new_state.dtype == torch.int8 and logp.dtype == torch.int32
+    if paths == "cuda":
+        rec.assert_cuda_legal()
+    else:
+        assert "bmm" in rec.int_matmuls  # the CPU default really is the other path
+
+
+def test_elementwise_lowrank_path_is_bit_identical_to_bmm(cuda_paths, monkeypatch):
+    model, lowrank, tokens, state = _tiny_population()
+    targets = torch.roll(tokens, -1, 1)
+    logits, new_state = model(tokens, state, lowrank)  # forced: elementwise, padded
+    scores = int_log_softmax(logits, targets).sum(-1, dtype=torch.int32)
+    monkeypatch.setattr(mingru, "LOWRANK_IMPL", None)
+    monkeypatch.setattr(mingru, "PAD_INT_MM", None)
+    ref_logits, ref_state = model(tokens, state, lowrank)  # the CPU default: bmm, unpadded
+    assert torch.equal(logits, ref_logits) and torch.equal(new_state, ref_state)
+    assert torch.equal(scores, int_log_softmax(ref_logits, targets).sum(-1, dtype=torch.int32))
+    # each kernel alone, both branches of the elementwise loop (over J = r, over k = r), and k == J
+    g = torch.Generator().manual_seed(5)
+    for k, j in [(65, 1), (65, 3), (2, 33), (4, 9), (3, 3)]:
+        u = torch.randint(-4000, 4001, (3, 5, k), generator=g, dtype=torch.int32)
+        v = torch.randint(-127, 128, (3, j, k), generator=g, dtype=torch.int32)
+        ref = torch.bmm(u, v.transpose(1, 2))
+        assert torch.equal(lowrank_mm(u, v, "elementwise"), ref) and torch.equal(lowrank_mm(u, v, "bmm"), ref)
+    with pytest.raises(ValueError, match="impl='dense'"):
+        lowrank_mm(u, v, "dense")
+
+
+def test_padded_int_mm_equals_unpadded_on_awkward_shapes(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    for m, k, n in [(5, 65, 33), (1, 9, 1), (17, 8, 8), (40, 64, 257), (24, 16, 32), (32, 64, 16)]:
+        x = torch.randint(-127, 128, (m, k), generator=g).to(torch.int8)
+        w = torch.randint(-127, 128, (n, k), generator=g).to(torch.int8)
+        ref = x.to(torch.int64) @ w.to(torch.int64).T
+        for pad in (False, True):
+            out = int_mm(x, w, pad=pad)
+            assert out.dtype == torch.int32 and out.shape == (m, n) and torch.equal(out.to(torch.int64), ref)
+    # int_matmul (x @ W^T with leading batch dims) through the module switch: 2 x 3 rows, k = 65, n = 33
+    x = torch.randint(-127, 128, (2, 3, 65), generator=g).to(torch.int8)
+    w = torch.randint(-127, 128, (33, 65), generator=g).to(torch.int8)
+    plain = int_matmul(x, w)
+    monkeypatch.setattr(mingru, "PAD_INT_MM", True)
+    with DtypeRecorder() as rec:
+        padded = int_matmul(x, w)
+    assert torch.equal(padded, plain) and plain.shape == (2, 3, 33)
+    rec.assert_cuda_legal()
+
+
+def test_integer_path_runs_on_the_model_device():
+    """On the meta device (shapes only, no data) every tensor of the forward, the factors and the
+    vote stays on the model's device, and a non-CPU device picks the CUDA-legal kernels by itself."""
+    model = IntMinGRU.init(SMALL, 0, device="meta")
+    assert model.device.type == "meta" and model.init_state(3).device.type == "meta"
+    assert tables("meta") is tables(torch.device("meta")) and tables("meta")["exp2"].device.type == "meta"
+    es = IntegerESConfig(population_size=8, rank=2, sigma_shift=6)
+    members = torch.tensor([0, 1, 4, 5, -1]).to("meta")
+    factors = {name: int8_factors(es.noise, 3, name, shape, members.clamp(min=0) // 2)
+               for name, shape in weight_shapes(SMALL).items()}  # (P, m, r), (P, n, r) per row
+    lowrank = LowRank(factors, member_sign(members), es.sigma_shift)
+    tokens = torch.zeros(5, 7, dtype=torch.int64, device="meta")
+    with DtypeRecorder() as rec:
+        logits, state = model(tokens, model.init_state(5), lowrank)
+        logp = int_log_softmax(logits, tokens)
+        acc = accumulate(es.noise, 3, "l0_up", weight_shapes(SMALL)["l0_up"],
+                         torch.ones(4, dtype=torch.int8, device="meta"))
+    assert rec.devices == {"meta"}
+    rec.assert_cuda_legal()
+    assert logits.shape == (5, 7, SMALL.vocab_size) and state.shape == (2, 5, 8) and logp.shape == (5, 7)
+    assert acc.shape == (16, 9) and acc.dtype == torch.int32
+    # moving is a copy of the same weights; a model's weights must share one device
+    cpu = IntMinGRU.init(SMALL, 0)
+    assert all(torch.equal(w, cpu.to("cpu").weights[k]) for k, w in IntMinGRU.init(SMALL, 0).weights.items())
+    mixed = dict(cpu.weights, head=cpu.weights["head"].to("meta"))
+    with pytest.raises(ValueError, match="weight head is on meta"):
+        IntMinGRU(SMALL, mixed)
 
 
 def _rs(v: int, s: int) -> int:
@@ -199,6 +298,23 @@ def test_recipe_logs_and_resumes_to_the_same_result(recipe, extra, text_file, tm
     drop = ("time/train_s",)
     assert ([{k: v for k, v in ln.items() if k not in drop} for ln in resumed_lines]
             == [{k: v for k, v in ln.items() if k not in drop} for ln in lines])
+    # checkpoints hold CPU tensors only, so they load onto any device
+    ck = torch.load(tmp_path / "b" / "checkpoint.pt")
+    tensors = [ck["state"], *ck.get("weights", ck.get("model", {})).values()]
+    assert len(tensors) > 1 and all(t.device.type == "cpu" for t in tensors)
+
+
+def test_recipe_device_choice(monkeypatch):
+    mod = _load_recipe("pretrain_mingru_int8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert mod.resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert mod.resolve_device("auto") == torch.device("cuda")
+    assert mod.resolve_device("cuda:1") == torch.device("cuda", 1)
+    run, _ = mod.parse_config((mod.RunArgs, mod.ESArgs), ["--device", "cpu"])
+    assert run.device == "cpu" and mod.RunArgs().device == "auto"
+    with pytest.raises(RuntimeError):
+        mod.RunArgs(device="gpu0")
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "recipes" / "configs" / "mingru").glob("*.yaml")))

@@ -25,6 +25,14 @@ output dtype with a ``TorchFunctionMode``. Low-rank population members (one memb
 enter the integer forward as already-gathered int8 factors (``LowRank``); drawing them and the
 update live in :mod:`eggroll_ft.integer_es`. This module knows nothing of data or of training.
 
+Devices: every tensor of the integer forward lives on the weights' device (lookup tables are cached
+per device by :func:`tables`). CUDA torch has no integer ``bmm`` and its ``torch._int_mm`` needs
+more than 16 rows and inner/output sizes that are multiples of 8, so off the CPU the per-row
+low-rank products (:func:`lowrank_mm`) are elementwise int32 multiply-and-sum loops over the rank,
+and :func:`int_mm` zero-pads to legal shapes. Both give exactly the CPU results; the module
+switches ``LOWRANK_IMPL`` and ``PAD_INT_MM`` force either path on any device (tests do so on the
+CPU). The CUDA path has not been run on a GPU yet (docs/mingru.md, "Limits").
+
 Block layout (pre-norm): ``x += out(minGRU(norm(x)))``, ``x += down(relu(up(norm(x))))``, then
 ``head(norm(x))``. Weight names (``weight_shapes``) are shared by both forms and are the noise
 stream ids.
@@ -44,6 +52,10 @@ NORM_TARGET = 32      # int norm output: mean |x| = 32
 BIAS_INPUT = 32       # constant int input of each matrix's bias column
 _RECIP_BITS = 12
 _INT8_MAX = 127
+
+# Kernel choice of the integer forward (None: by device; set them to force a path on any device).
+LOWRANK_IMPL: str | None = None  # "bmm" (CPU default) | "elementwise" (default off the CPU)
+PAD_INT_MM: bool | None = None  # zero-pad torch._int_mm operands to CUDA-legal shapes (default off the CPU)
 
 
 @dataclass(frozen=True)
@@ -150,7 +162,8 @@ class FloatMinGRU(nn.Module):
             self.weights[name] = nn.Parameter(w)
 
     def init_state(self, batch: int) -> torch.Tensor:
-        return torch.zeros(self.cfg.n_layers, batch, self.cfg.d_model)
+        """Zero state ``(L, batch, D)`` float32 on the weights' device."""
+        return torch.zeros(self.cfg.n_layers, batch, self.cfg.d_model, device=self.weights["embed"].device)
 
     def forward(self, tokens, state):
         return mingru_forward(FloatOps(self.weights), self.cfg, tokens, state)
@@ -176,13 +189,70 @@ def _build_tables() -> dict[str, torch.Tensor]:
             dict(recip=recip, sigmoid=sigmoid, exp2=exp2, log2=log2).items()}
 
 
-TABLES = _build_tables()
+TABLES = _build_tables()  # on the CPU; tables(device) for any device
+_TABLES_ON = {torch.device("cpu"): TABLES}
+
+
+def tables(device) -> dict[str, torch.Tensor]:
+    """The lookup tables on ``device`` (copied from ``TABLES`` once per device, then cached)."""
+    device = torch.device(device)
+    if device not in _TABLES_ON:
+        _TABLES_ON[device] = {k: v.to(device) for k, v in TABLES.items()}
+    return _TABLES_ON[device]
+
+
+def _round_up(v: int, multiple: int) -> int:
+    return -(-v // multiple) * multiple
+
+
+def int_mm(x: torch.Tensor, w: torch.Tensor, pad: bool | None = None) -> torch.Tensor:
+    """``x (M, K) int8 @ w (N, K)^T int8 -> (M, N) int32`` through ``torch._int_mm``.
+
+    CUDA's ``_int_mm`` (cuBLASLt) needs ``M > 16`` and ``K``, ``N`` multiples of 8. With ``pad``
+    (default: ``PAD_INT_MM``, else on when ``x`` is off the CPU) the operands get zero rows and
+    columns up to legal sizes and the result is sliced back: exact, zeros add nothing. Rows go up
+    to a multiple of 8 and at least 32 (more than the check asks: cuBLASLt gave wrong int8 results
+    at M = 17 in some CUDA releases, pytorch#107671). The layout is x row-major, ``w.T`` a
+    transposed view of a contiguous ``w`` (the usual int8 GEMM layout).
+    """
+    pad = (PAD_INT_MM if PAD_INT_MM is not None else x.device.type != "cpu") if pad is None else pad
+    (m, k), n = x.shape, w.shape[0]
+    if not pad:
+        return torch._int_mm(x, w.T)
+    mp, kp, np_ = max(_round_up(m, 8), 32), _round_up(k, 8), _round_up(n, 8)
+    if (mp, kp, np_) == (m, k, n):
+        return torch._int_mm(x.contiguous(), w.contiguous().T)
+    x = torch.nn.functional.pad(x, (0, kp - k, 0, mp - m))  # (Mp, Kp) int8
+    w = torch.nn.functional.pad(w, (0, kp - k, 0, np_ - n))  # (Np, Kp) int8
+    return torch._int_mm(x, w.T)[:m, :n].contiguous()
 
 
 def int_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x (..., n) int8 @ w (m, n)^T int8 -> (..., m) int32`` with int32 accumulation."""
     flat = x.reshape(-1, x.shape[-1])
-    return torch._int_mm(flat, w.T).view(*x.shape[:-1], w.shape[0])
+    return int_mm(flat, w).view(*x.shape[:-1], w.shape[0])
+
+
+def lowrank_mm(u: torch.Tensor, v: torch.Tensor, impl: str | None = None) -> torch.Tensor:
+    """Per-row products ``u[p] @ v[p]^T``: ``u (P, T, k)``, ``v (P, J, k)`` int32 -> ``(P, T, J)`` int32.
+
+    One of ``k`` and ``J`` is the perturbation rank r (at most 4). ``impl`` (default:
+    ``LOWRANK_IMPL``, else by device) is ``"bmm"`` (``torch.bmm``, CPU only: CUDA has no integer
+    bmm) or ``"elementwise"``: int32 multiplies and ``sum(dtype=int32)``, looping over the smaller
+    of ``k`` and ``J`` so no ``(P, T, n, r)`` tensor is made. Integer sums are exact (and wrap the
+    same way in any order), so both give the same bits.
+    """
+    impl = impl or LOWRANK_IMPL or ("bmm" if u.device.type == "cpu" else "elementwise")
+    if impl == "bmm":
+        return torch.bmm(u, v.transpose(1, 2))
+    if impl != "elementwise":
+        raise ValueError(f"impl={impl!r} must be 'bmm' or 'elementwise'")
+    if v.shape[1] <= u.shape[-1]:  # few outputs (x B: J = r): one product-sum over k per output
+        return torch.stack([(u * v[:, None, j]).sum(-1, dtype=torch.int32) for j in range(v.shape[1])], -1)
+    out = u[..., :1] * v[:, None, :, 0]  # few inputs (u A^T: k = r): add up k rank-one terms
+    for c in range(1, u.shape[-1]):
+        out = out + u[..., c:c + 1] * v[:, None, :, c]
+    return out  # (P, T, J)
 
 
 @dataclass
@@ -216,8 +286,8 @@ class IntOps:
         if self.lr is None or "embed" not in self.lr.factors:
             return e
         # row lookup of the perturbed table: A[tok] B^T
-        d = self._delta("embed", lambda a, b: torch.bmm(torch.gather(
-            a, 1, tokens.unsqueeze(-1).expand(-1, -1, a.shape[-1])), b.transpose(1, 2)))
+        d = self._delta("embed", lambda a, b: lowrank_mm(torch.gather(
+            a, 1, tokens.unsqueeze(-1).expand(-1, -1, a.shape[-1])), b))
         return _sat8(e.to(torch.int32) + d)
 
     def linear(self, name, x):
@@ -225,17 +295,17 @@ class IntOps:
         acc = int_matmul(x, self.w[name])  # (P, T, m) int32
         if self.lr is not None and name in self.lr.factors:
             xi = x.to(torch.int32)
-            acc = acc + self._delta(name, lambda a, b: torch.bmm(torch.bmm(xi, b), a.transpose(1, 2)))
+            acc = acc + self._delta(name, lambda a, b: lowrank_mm(lowrank_mm(xi, b.transpose(1, 2)), a))
         return _sat8(round_shift(acc, self.shifts[name]))
 
     def norm(self, x):
         xi = x.to(torch.int32)
         mean_abs = torch.div(xi.abs().sum(-1, keepdim=True, dtype=torch.int32), x.shape[-1], rounding_mode="floor")
-        recip = TABLES["recip"][mean_abs.clamp(1, _INT8_MAX)]  # 32 * 2^12 / mean|x|
+        recip = tables(x.device)["recip"][mean_abs.clamp(1, _INT8_MAX)]  # 32 * 2^12 / mean|x|
         return _sat8(round_shift(xi * recip, _RECIP_BITS))
 
     def gate(self, p):
-        return TABLES["sigmoid"][p.to(torch.int64) + 128]  # (...) int32 in [0, 128]
+        return tables(p.device)["sigmoid"][p.to(torch.int64) + 128]  # (...) int32 in [0, 128]
 
     def scan(self, z, c, h):
         h = h.to(torch.int32)
@@ -272,7 +342,8 @@ class IntMinGRU:
     """The integer-only minGRU LM: int8 weights, int8 activations, integer forward.
 
     Not an ``nn.Module`` (nothing here is differentiable); ``weights`` maps the names of
-    :func:`weight_shapes` to int8 ``(m, n)`` tensors, ``shifts`` to each matmul's right shift.
+    :func:`weight_shapes` to int8 ``(m, n)`` tensors, all on one device (the model's: tokens and
+    state go there too), ``shifts`` to each matmul's right shift.
     """
 
     def __init__(self, cfg: MinGRUConfig, weights: dict, shifts: dict | None = None):
@@ -283,11 +354,17 @@ class IntMinGRU:
             if w.dtype != torch.int8 or tuple(w.shape) != shape:
                 raise ValueError(f"weight {name} has dtype={w.dtype} shape={tuple(w.shape)}, "
                                  f"expected int8 {shape}")
+            if w.device != weights["embed"].device:
+                raise ValueError(f"weight {name} is on {w.device}, embed on {weights['embed'].device}")
         self.weights = {k: weights[k].contiguous() for k in weight_shapes(cfg)}
 
     @classmethod
-    def init(cls, cfg: MinGRUConfig, seed: int = 0) -> "IntMinGRU":
-        """Weights ``round(N(0, init_std^2))`` clipped to int8, biases 0 (drawn outside any forward)."""
+    def init(cls, cfg: MinGRUConfig, seed: int = 0, device=None) -> "IntMinGRU":
+        """Weights ``round(N(0, init_std^2))`` clipped to int8, biases 0 (drawn outside any forward).
+
+        Drawn on the CPU with a seeded generator, then moved to ``device``: every device starts
+        from the same weights.
+        """
         g = torch.Generator().manual_seed(seed)
         weights = {name: torch.randn(m, n, generator=g).mul(cfg.init_std).round()
                    .clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
@@ -295,10 +372,21 @@ class IntMinGRU:
         for name, w in weights.items():
             if name != "embed":
                 w[:, -1] = 0
-        return cls(cfg, weights)
+        model = cls(cfg, weights)
+        return model if device is None else model.to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights["embed"].device
+
+    def to(self, device) -> "IntMinGRU":
+        """Move the weights to ``device`` (in place; returns ``self``)."""
+        self.weights = {k: w.to(device) for k, w in self.weights.items()}
+        return self
 
     def init_state(self, batch: int) -> torch.Tensor:
-        return torch.zeros(self.cfg.n_layers, batch, self.cfg.d_model, dtype=torch.int8)
+        """Zero state ``(L, batch, D)`` int8 on the model's device."""
+        return torch.zeros(self.cfg.n_layers, batch, self.cfg.d_model, dtype=torch.int8, device=self.device)
 
     def forward(self, tokens, state, lowrank: LowRank | None = None):
         """``tokens (P, T)`` long, ``state (L, P, D)`` int8 -> int8 logits ``(P, T, V)``, int8 state."""
@@ -320,12 +408,13 @@ def int_log_softmax(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     """
     li = logits.to(torch.int32)
     top = li.max(-1, keepdim=True).values
-    total = TABLES["exp2"][(top - li).to(torch.int64)].sum(-1, dtype=torch.int32)  # (...) int32 in [2^16, 2^24]
+    table = tables(logits.device)
+    total = table["exp2"][(top - li).to(torch.int64)].sum(-1, dtype=torch.int32)  # (...) int32 in [2^16, 2^24]
     exponent = torch.zeros_like(total)
     for k in range(1, 31):
         exponent = exponent + (total >= (1 << k)).to(torch.int32)  # floor(log2 total)
     mantissa = (total >> (exponent - 8)) - 256  # 8 bits after the leading one (exponent >= 16)
-    log2_total = LOGP_UNITS * (exponent - 16) + TABLES["log2"][mantissa.to(torch.int64)]
+    log2_total = LOGP_UNITS * (exponent - 16) + table["log2"][mantissa.to(torch.int64)]
     picked = torch.gather(li - top, -1, targets.unsqueeze(-1)).squeeze(-1)
     return picked * (LOGP_UNITS // LOGIT_UNITS) - log2_total
 
