@@ -11,8 +11,9 @@ between steps; every process (and every device) regenerates exactly the values i
   ``E_i = A_i B_i^T / sqrt(r)``, ``A_i (m, r)`` and ``B_i (n, r)`` standard normal.
 * Full rank (classic OpenES): ``E_i (m, n)`` dense standard normal.
 
-The generator is a SplitMix64 hash of a 64-bit counter evaluated with int64 tensor ops, followed
-by a Box-Muller transform. It is a pure function of the coordinates, so the values for pair 7 do
+The generator is SplitMix64 (its ``counter``-th output for a seed that hashes the stream's
+coordinates) evaluated with int64 tensor ops, followed by a float32 Box-Muller transform that
+turns each 64-bit value into two normals. It is a pure function of the coordinates, so the values for pair 7 do
 not depend on how many pairs were asked for, on which process asked, or on the batch they ran in.
 Integer ops are bit-identical on every device; the final float transform (log, cos) may differ
 in the last ulp between CPU and GPU math libraries.
@@ -62,26 +63,47 @@ def stream_key(*coords: int | str) -> int:
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
 
 
+def _uniforms(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two 24-bit uniforms from one 64-bit hash, exact in float32: ``u1`` in (0, 1], ``u2`` in [0, 1)."""
+    u1 = (_srl(h, 40).to(torch.float32) + 1.0) * (1.0 / (1 << 24))
+    u2 = ((h >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / (1 << 24))
+    return u1, u2
+
+
+def _hash(key: int, counter: torch.Tensor) -> torch.Tensor:
+    """Output ``counter`` of a SplitMix64 generator seeded with ``key`` (one finaliser per value)."""
+    return _splitmix64(counter * _GOLDEN + key)
+
+
 def normal_from_counter(key: int, counter: torch.Tensor) -> torch.Tensor:
-    """Standard normals, one per int64 ``counter`` entry, for the stream ``key``. float32."""
-    h = _splitmix64(counter ^ key)
-    h = _splitmix64(h)
-    # two 24-bit uniforms from one 64-bit hash: u1 in (0, 1], u2 in [0, 1)
-    u1 = (_srl(h, 40).to(torch.float64) + 1.0) * (1.0 / (1 << 24))
-    u2 = ((h >> 8) & 0xFFFFFF).to(torch.float64) * (1.0 / (1 << 24))
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
-    return z.to(torch.float32)
+    """Standard normals, one per int64 ``counter`` entry, for the stream ``key``. float32.
+
+    Box-Muller's cosine branch of one hash per value (``noise_block`` uses both branches).
+    """
+    u1, u2 = _uniforms(_hash(key, counter))
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
 
 
 def noise_block(key: int, indices: torch.Tensor, size: int, device=None) -> torch.Tensor:
     """Rows of i.i.d. normals: row ``j`` is the ``size`` values of noise index ``indices[j]``.
 
-    Row contents depend only on ``(key, indices[j])``. Returns float32 ``(len(indices), size)``.
+    Row contents depend only on ``(key, indices[j], size)``. One hash per two values: with
+    ``h = ceil(size / 2)``, value ``e < h`` of a row is the cosine branch of the Box-Muller pair of
+    counter ``index * h + e`` and value ``h + e`` its sine branch. Returns float32
+    ``(len(indices), size)``.
     """
     device = indices.device if device is None else device
     idx = indices.to(device=device, dtype=torch.int64)
-    counter = idx[:, None] * size + torch.arange(size, device=device, dtype=torch.int64)[None, :]
-    return normal_from_counter(key, counter)
+    half = (size + 1) // 2
+    counter = idx[:, None] * half + torch.arange(half, device=device, dtype=torch.int64)[None, :]
+    u1, u2 = _uniforms(_hash(key, counter))
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    angle = (2.0 * math.pi) * u2
+    out = torch.empty(idx.shape[0], 2, half, device=device, dtype=torch.float32)
+    torch.mul(radius, torch.cos(angle), out=out[:, 0])
+    torch.mul(radius, torch.sin(angle), out=out[:, 1])
+    out = out.view(idx.shape[0], 2 * half)
+    return out[:, :size] if 2 * half != size else out
 
 
 @dataclass(frozen=True)

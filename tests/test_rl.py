@@ -52,9 +52,9 @@ def test_population_policy_rows_equal_dense_members(noise):
             dense = policy(obs[row:row + 1])[0]
         torch.testing.assert_close(batched[row], dense, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(dense, plain[row], atol=1e-3)  # the member really is perturbed
-    # antithetic partners move in opposite directions around the mean policy
-    pre = [batched[0] - plain[0], batched[1] - plain[1]]
-    assert float(torch.dot(pre[0], pre[1])) < 0
+    # antithetic partners perturb every weight in exactly opposite directions
+    for name in pop.params:
+        torch.testing.assert_close(pop.perturbation(name, 1), -pop.perturbation(name, 0), atol=0, rtol=0)
 
 
 def test_continuous_actions_lie_in_the_box():
@@ -126,12 +126,12 @@ def test_train_es_is_deterministic_and_follows_the_schedules(method, optimizer):
     runs = []
     for _ in range(2):
         recs = []
-        train_es(es_config(method=method, optimizer=optimizer), recs.append)
+        train_es(es_config(method=method, optimizer=optimizer, total_env_steps=1500), recs.append)
         runs.append(recs)
     strip = [[{k: v for k, v in r.items() if k not in ("wall_s", "cpu_s")} for r in recs] for recs in runs]
     assert strip[0] == strip[1]  # same seed, same run (timings aside)
     recs = runs[0]
-    assert len(recs) >= 2 and recs[-1]["env_steps"] >= 400
+    assert len(recs) >= 2 and recs[-1]["env_steps"] >= 1500
     for r in recs:
         assert r["sigma"] == pytest.approx(0.1 * 0.9 ** r["generation"])
         assert r["lr"] == pytest.approx(0.05 * 0.8 ** r["generation"])
