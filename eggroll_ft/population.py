@@ -206,7 +206,7 @@ class Population:
         return out
 
     def _row_factors(self, name: str, members: torch.Tensor, dtype: torch.dtype):
-        """This block's factors: ``(B_u (U, r, n), A_u (U, r, m), scale (U, G))`` in ``dtype``.
+        """This block's factors: ``(B_u (U, n, r), A_u (U, r, m), scale (U, G))`` in ``dtype``.
 
         Rows come in ``U`` groups of ``G`` consecutive rows sharing one noise index (an
         antithetic pair, or a member answering several prompts: the trainer's member-major job
@@ -227,7 +227,7 @@ class Population:
         if G > 1 and (P % G or not bool((idx.view(-1, G) == idx.view(-1, G)[:, :1]).all())):
             G = 1
         u = idx.view(-1, G)[:, 0]  # (U,)
-        rows = (Bf[u].transpose(1, 2).to(dtype).contiguous(),  # (U, r, n)
+        rows = (Bf[u].to(dtype).contiguous(),  # (U, n, r)
                 A[u].transpose(1, 2).to(dtype).contiguous(),  # (U, r, m)
                 scale.view(-1, G).to(dtype))  # (U, G)
         self._rows[(name, dtype)] = rows
@@ -236,24 +236,27 @@ class Population:
     def _add_lowrank_(self, name: str, x: torch.Tensor, out: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
         """``out += (sigma/sqrt(r)) s_i (x B_i) A_i^T`` row by row, in place; returns ``out``.
 
-        ``x (P, ..., n)``, ``out (P, ..., m)`` contiguous. One token per row (decode): a dot product
-        and a scaled row update per rank component; longer inputs: two batched matmuls.
+        ``x (P, ..., n)``, ``out (P, ..., m)`` contiguous, ``T`` tokens per row. The rows of a group
+        ``(G T)`` share the factors: ``x B`` is one batched matmul ``(U, G T, n) @ (U, n, r)``
+        (CPU and GPU libraries run it faster than an elementwise product and a sum), the scaled
+        result is added through ``A`` by a broadcast multiply-add when ``r = 1`` (a batched matmul
+        with an inner dimension of 1 is slower than that) and a batched matmul otherwise.
         """
         m, n = self.params[name].shape
         Bu, Au, scale = self._row_factors(name, members, x.dtype)
         U, G = scale.shape
-        r = Bu.shape[1]
+        r = Bu.shape[2]
         T = x.numel() // (x.shape[0] * n)
+        xb = torch.bmm(x.view(U, G * T, n), Bu)  # (U, G T, r)
         if T == 1:
-            xg = x.reshape(U, G, n)
-            og = out.view(U, G, m)
-            for k in range(r):
-                xb = torch.linalg.vecdot(xg, Bu[:, None, k]) * scale  # (U, G)
-                og.addcmul_(xb[..., None], Au[:, None, k])  # (U, G, m)
+            xb.mul_(scale.unsqueeze(-1))
         else:
-            xb = torch.bmm(x.reshape(U, G * T, n), Bu.transpose(1, 2))  # (U, G T, r)
-            xb = (xb.view(U, G, T, r) * scale[:, :, None, None]).view(U, G * T, r)
-            out.view(U, G * T, m).baddbmm_(xb, Au)
+            xb.view(U, G, T, r).mul_(scale[:, :, None, None])
+        og = out.view(U, G * T, m)
+        if r == 1:
+            og.addcmul_(xb, Au)  # (U, G T, 1) * (U, 1, m)
+        else:
+            og.baddbmm_(xb, Au)
         return out
 
     def delta(self, name: str, x: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
