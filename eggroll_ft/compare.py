@@ -47,8 +47,11 @@ def peak_rss_mb() -> float:
 
 @torch.no_grad()
 def greedy_accuracy(model, tokenizer, prompts: list[str], columns: dict, reward_func, max_new_tokens: int,
-                    batch_size: int = 64) -> float:
-    """Mean of ``reward_func`` over greedy completions of ``prompts`` (``columns``: one entry per prompt)."""
+                    batch_size: int = 64, per_problem: bool = False):
+    """Mean of ``reward_func`` over greedy completions of ``prompts`` (``columns``: one entry per prompt).
+
+    ``per_problem=True`` returns the list of per-prompt rewards instead (for paired tests).
+    """
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"  # generation continues the prompt's last token
@@ -64,14 +67,35 @@ def greedy_accuracy(model, tokenizer, prompts: list[str], columns: dict, reward_
         model.train(was_training)
         tokenizer.padding_side = side
     rewards = reward_func(texts, **columns)
-    return sum(rewards) / len(rewards)
+    return [float(r) for r in rewards] if per_problem else sum(rewards) / len(rewards)
+
+
+def paired_change(before: list[float], after: list[float]) -> dict:
+    """Exact McNemar test of a change in 0/1 scores on the same problems.
+
+    ``gained``: problems wrong before and right after; ``lost``: the reverse. ``p_value`` is the
+    two-sided exact binomial probability of a split at least this uneven among the
+    ``gained + lost`` problems that changed, if a change were equally likely either way.
+
+    >>> paired_change([0, 0, 1, 1], [1, 1, 1, 0])
+    {'gained': 2, 'lost': 1, 'p_value': 1.0}
+    """
+    if len(before) != len(after):
+        raise ValueError(f"before has {len(before)} scores, after {len(after)}: score the same problems")
+    gained = sum(1 for b, a in zip(before, after) if b < 0.5 <= a)
+    lost = sum(1 for b, a in zip(before, after) if a < 0.5 <= b)
+    n, k = gained + lost, min(gained, lost)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return {"gained": gained, "lost": lost, "p_value": p}
 
 
 class BudgetCallback(TrainerCallback):
     """Stop at a budget, and append a row per held-out evaluation to ``self.rows``.
 
     Args:
-        evaluate: ``() -> accuracy`` of the current model (``greedy_accuracy`` bound to the eval set).
+        evaluate: ``() -> accuracy`` of the current model (``greedy_accuracy`` bound to the eval set),
+            or ``() -> per-problem scores`` (a list): the row then holds their mean as
+            ``eval_accuracy`` and the list as ``eval_per_problem``.
         counter: the ``CountingReward`` of the training run (completions generated so far).
         max_seconds: training wall-clock budget (evaluation time excluded); None or 0 = no limit.
         max_completions: completions budget; None or 0 = no limit. Checked after each step, so the
@@ -104,10 +128,16 @@ class BudgetCallback(TrainerCallback):
     def _record(self, step: int):
         self._train_seconds, self._since = self._clock(), None  # pause the clock while scoring
         train_reward = sum(self._rewards) / len(self._rewards) if self._rewards else math.nan
-        self.rows.append({"method": self.method, "step": step, "wall_clock_s": round(self._train_seconds, 2),
-                          "completions": self.counter.count, "train_reward": train_reward,
-                          "eval_accuracy": self.evaluate(), "peak_rss_mb": round(peak_rss_mb(), 1)})
-        print(f"[budget] {self.rows[-1]}", flush=True)  # progress in the run's log
+        score = self.evaluate()
+        per_problem = list(score) if isinstance(score, (list, tuple)) else None
+        accuracy = sum(per_problem) / len(per_problem) if per_problem is not None else score
+        row = {"method": self.method, "step": step, "wall_clock_s": round(self._train_seconds, 2),
+               "completions": self.counter.count, "train_reward": train_reward,
+               "eval_accuracy": accuracy, "peak_rss_mb": round(peak_rss_mb(), 1)}
+        print(f"[budget] {row}", flush=True)  # progress in the run's log
+        if per_problem is not None:
+            row["eval_per_problem"] = per_problem
+        self.rows.append(row)
         self._rewards = []
         self._since = time.perf_counter()
 

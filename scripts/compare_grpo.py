@@ -146,7 +146,7 @@ def run_method(spec: dict) -> None:
 
     def evaluate():
         return greedy_accuracy(trainer.model, tokenizer, heldout["prompt"], columns, countdown_reward,
-                               a.max_completion_length)
+                               a.max_completion_length, per_problem=True)
 
     budget = BudgetCallback(evaluate, counter, max_seconds=a.budget_seconds, max_completions=a.budget_completions,
                             eval_every_seconds=a.eval_every_seconds, method=spec["name"])
@@ -242,7 +242,17 @@ def summarize(a: CompareArguments, outs: dict, rows: list[dict], load: str) -> s
         best = max(r["eval_accuracy"] for r in out["rows"])
         lines.append(f"| {name} | {r1['step']} | {r1['wall_clock_s']:.0f} | {r1['completions']} | {r0['eval_accuracy']:.3f} | "
                      f"{r1['eval_accuracy']:.3f} | {best:.3f} | {r1['peak_rss_mb']:.0f} | {out['rss_after_imports_mb']:.0f} |")
-    from eggroll_ft.compare import first_reaching
+    from eggroll_ft.compare import first_reaching, paired_change
+
+    lines += ["", "Change of held-out accuracy from the base model to the end of training, on the same problems "
+              "(exact McNemar test: problems gained and lost; p = two-sided probability of a split this uneven "
+              "by chance):", "", "| method | start -> end | gained | lost | p |", "| --- | --- | --- | --- | --- |"]
+    for name, out in outs.items():
+        r0, r1 = out["rows"][0], out["rows"][-1]
+        if "eval_per_problem" in r0 and "eval_per_problem" in r1:
+            c = paired_change(r0["eval_per_problem"], r1["eval_per_problem"])
+            lines.append(f"| {name} | {r0['eval_accuracy']:.3f} -> {r1['eval_accuracy']:.3f} | {c['gained']} | "
+                         f"{c['lost']} | {c['p_value']:.3g} |")
 
     lines += ["", "Training seconds / completions to first reach a held-out accuracy (- = never):", "",
               "| method | " + " | ".join(f">= {lvl:g}" for lvl in a.accuracy_levels) + " |",

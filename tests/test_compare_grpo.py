@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eggroll_ft.compare import BudgetCallback, CountingReward, first_reaching, greedy_accuracy
+from eggroll_ft.compare import BudgetCallback, CountingReward, first_reaching, greedy_accuracy, paired_change
 from eggroll_ft.recipe_utils import build_tiny_random_llama
 from eggroll_ft.testing import char_tokenizer, tiny_llama
 from scripts import compare_grpo
@@ -41,6 +41,7 @@ def _check_outputs(out: Path, budget_completions: int):
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (out / "summary.md").read_text()
     assert "| grpo |" in summary and "| eggroll |" in summary and "peak RSS" in summary
+    assert "exact McNemar" in summary and summary.count(" -> ") >= 2  # the paired start -> end test, per method
     return rows
 
 
@@ -97,6 +98,31 @@ def test_budget_callback_stops_and_records_rows():
     assert first_reaching(cb.rows, 0.15, "completions") == 24 and first_reaching(cb.rows, 0.9, "step") is None
     with pytest.raises(ValueError, match="set at least one budget"):
         BudgetCallback(lambda: 0.0, counter)
+
+
+def test_per_problem_scores_and_the_paired_test():
+    counter = CountingReward(lambda completions, **kw: [0.0] * len(completions))
+    scores = iter([[0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+    cb = BudgetCallback(lambda: next(scores), counter, max_completions=1, eval_every_seconds=1e9, method="m")
+
+    class State:
+        global_step = 0
+
+    class Control:
+        should_training_stop = False
+
+    cb.on_train_begin(None, State, Control)
+    counter(["x"])
+    cb.on_log(None, State, Control, logs={"reward": 0.0})
+    assert [r["eval_accuracy"] for r in cb.rows] == [0.25, 0.75]
+    assert cb.rows[1]["eval_per_problem"] == [1.0, 1.0, 1.0, 0.0]
+    # exact McNemar: 10 gained, 0 lost -> 2 * 0.5^10; a 5/5 split is no evidence at all
+    c = paired_change([0.0] * 10 + [1.0] * 5, [1.0] * 15)
+    assert (c["gained"], c["lost"]) == (10, 0) and c["p_value"] == pytest.approx(2 / 1024)
+    assert paired_change([0] * 5 + [1] * 5, [1] * 5 + [0] * 5)["p_value"] == 1.0
+    assert paired_change([1, 0], [1, 0]) == {"gained": 0, "lost": 0, "p_value": 1.0}
+    with pytest.raises(ValueError, match="same problems"):
+        paired_change([1], [1, 0])
 
 
 def test_counting_reward_keeps_name_and_greedy_accuracy_scores():
