@@ -40,6 +40,15 @@ class CountingReward:
         return self.func(completions, **kwargs)
 
 
+def resident_mb() -> float | None:
+    """Resident memory of this process now (``VmRSS``, Linux), in MiB; None where unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            return round(next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024, 1)
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB (Linux reports ``ru_maxrss`` in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -134,7 +143,7 @@ class BudgetCallback(TrainerCallback):
         row = {"method": self.method, "step": step, "wall_clock_s": round(self._train_seconds, 2),
                "completions": self.counter.count, "train_reward": train_reward,
                "eval_accuracy": accuracy, "peak_rss_mb": round(peak_rss_mb(), 1)}
-        print(f"[budget] {row}", flush=True)  # progress in the run's log
+        print(f"[budget] {row} resident_mb={resident_mb()}", flush=True)  # progress in the run's log
         if per_problem is not None:
             row["eval_per_problem"] = per_problem
         self.rows.append(row)
