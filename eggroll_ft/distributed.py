@@ -61,27 +61,49 @@ def check_replicas_equal(value: float, world_size: int, what: str = "weights che
         raise RuntimeError(f"{what} differs across processes: {values}")
 
 
+def requested_cpu_processes(env: dict, launcher_argv: list[str]) -> int | None:
+    """How many processes ``accelerate launch --cpu --num_processes N`` asked for, when it started one.
+
+    That launcher starts a single process and tells it nothing of N; the only trace is the
+    launcher's own command line (the parent process). Returns N > 1 in that case, else None.
+
+    >>> requested_cpu_processes({"ACCELERATE_USE_CPU": "True"}, ["accelerate", "launch", "--cpu", "--num_processes", "2"])
+    2
+    >>> requested_cpu_processes({"ACCELERATE_USE_CPU": "True", "WORLD_SIZE": "2"}, ["accelerate", "--num_processes=2"])
+    """
+    if env.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1") or int(env.get("WORLD_SIZE", "1")) > 1:
+        return None
+    for i, arg in enumerate(launcher_argv):
+        for flag in ("--num_processes", "--num-processes"):
+            value = arg[len(flag) + 1:] if arg.startswith(flag + "=") else (
+                launcher_argv[i + 1] if arg == flag and i + 1 < len(launcher_argv) else None)
+            if value is not None and value.isdigit() and int(value) > 1:
+                return int(value)
+    return None
+
+
 def warn_if_cpu_multiprocess_ignored() -> bool:
     """``accelerate launch --cpu --num_processes K`` silently starts ONE process. Detect and warn.
 
-    Returns True when the case was detected.
+    Reads the launcher's command line (Linux ``/proc``); where it cannot be read or names no
+    ``--num_processes``, a rendezvous port without a world size is taken as the sign. Returns True
+    when the case was detected.
     """
-    launched_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    if not launched_cpu or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    env = dict(os.environ)
+    if env.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1") or int(env.get("WORLD_SIZE", "1")) > 1:
         return False
-    asked = None
-    try:  # the launcher's own command line, if we can read it
+    try:
         with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-            argv = f.read().decode(errors="replace").split("\0")
-        for flag in ("--num_processes", "--num-processes"):
-            if flag in argv:
-                asked = int(argv[argv.index(flag) + 1])
-    except (OSError, ValueError, IndexError):
-        pass
-    if (asked and asked > 1) or (asked is None and "MASTER_PORT" in os.environ):
-        warnings.warn("`accelerate launch --cpu --num_processes K` starts only one process. For K CPU processes "
-                      "over gloo use `accelerate launch --multi_gpu --num_processes K` (works without GPUs) or "
-                      "`torchrun --nproc_per_node K`.", stacklevel=2)
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        argv = []
+    named = any(a.startswith(("--num_processes", "--num-processes")) for a in argv)
+    asked = requested_cpu_processes(env, argv) if named else None
+    if asked or (not named and "MASTER_PORT" in env):
+        warnings.warn(f"`accelerate launch --cpu --num_processes {asked or 'K'}` starts only one process. For several "
+                      "CPU processes over gloo use `accelerate launch --multi_gpu --num_processes K` (works without "
+                      "GPUs; recipes/accelerate_configs/cpu_2proc.yaml) or `torchrun --nproc_per_node K`.",
+                      stacklevel=2)
         return True
     return False
 

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 
 TINY_RANDOM_LLAMA = "tiny-random-llama"
@@ -160,30 +159,11 @@ def heldout_split(dataset, num_eval: int, num_train: int | None = None, seed: in
     return train, heldout
 
 
-def requested_cpu_processes(env: dict, launcher_argv: list[str]) -> int | None:
-    """How many processes ``accelerate launch --cpu --num_processes N`` asked for, when it started one.
-
-    That launcher starts a single process and tells it nothing of N; the only trace is the
-    launcher's own command line (the parent process). Returns N > 1 in that case, else None.
-
-    >>> requested_cpu_processes({"ACCELERATE_USE_CPU": "True"}, ["accelerate", "launch", "--cpu", "--num_processes", "2"])
-    2
-    >>> requested_cpu_processes({"ACCELERATE_USE_CPU": "True", "WORLD_SIZE": "2"}, ["accelerate", "--num_processes=2"])
-    """
-    if env.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1") or int(env.get("WORLD_SIZE", "1")) > 1:
-        return None
-    for i, arg in enumerate(launcher_argv):
-        for flag in ("--num_processes", "--num-processes"):
-            value = arg[len(flag) + 1:] if arg.startswith(flag + "=") else (
-                launcher_argv[i + 1] if arg == flag and i + 1 < len(launcher_argv) else None)
-            if value is not None and value.isdigit() and int(value) > 1:
-                return int(value)
-    return None
-
-
 def check_world_size(args) -> None:
-    """Fail fast when the launcher started several processes but each believes it is alone; warn
-    when ``accelerate launch --cpu --num_processes N`` started one process instead of N.
+    """Fail fast when the launcher started several processes but each believes it is alone.
+
+    (``accelerate launch --cpu --num_processes N``, which starts one process, is detected and warned
+    about by ``EggrollTrainer``: ``distributed.warn_if_cpu_multiprocess_ignored``.)
 
     ``accelerate launch --multi_gpu --num_processes 2`` on a machine without GPUs sets
     ``WORLD_SIZE=2``, yet ``TrainingArguments`` only joins the gloo group with ``use_cpu=True``;
@@ -193,16 +173,6 @@ def check_world_size(args) -> None:
     if launched > 1 and args.world_size != launched:
         raise ValueError(f"WORLD_SIZE={launched} processes were launched but use_cpu={args.use_cpu} gives "
                          f"world_size={args.world_size}: on a machine without GPUs pass --use_cpu true")
-    try:  # Linux: the launcher's command line; elsewhere the warning is skipped
-        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-            parent = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return
-    wanted = requested_cpu_processes(dict(os.environ), parent)
-    if wanted:
-        warnings.warn(f"accelerate launch --cpu --num_processes {wanted} started ONE process: for {wanted} CPU "
-                      "processes use --multi_gpu --num_processes N (gloo) or "
-                      "recipes/accelerate_configs/cpu_2proc.yaml, with use_cpu: true", stacklevel=2)
 
 
 def _final_eval(trainer) -> dict:

@@ -22,7 +22,8 @@ from datasets import Dataset
 
 from eggroll_ft import EggrollConfig
 from eggroll_ft.callbacks import JsonlMetricsCallback, read_metrics
-from eggroll_ft.recipe_utils import check_world_size, heldout_split, requested_cpu_processes, train_and_evaluate
+from eggroll_ft.distributed import requested_cpu_processes
+from eggroll_ft.recipe_utils import check_world_size, heldout_split, train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
