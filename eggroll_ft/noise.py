@@ -63,27 +63,6 @@ def stream_key(*coords: int | str) -> int:
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
 
 
-def _uniforms(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two 24-bit uniforms from one 64-bit hash, exact in float32: ``u1`` in (0, 1], ``u2`` in [0, 1)."""
-    u1 = (_srl(h, 40).to(torch.float32) + 1.0) * (1.0 / (1 << 24))
-    u2 = ((h >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / (1 << 24))
-    return u1, u2
-
-
-def _hash(key: int, counter: torch.Tensor) -> torch.Tensor:
-    """Output ``counter`` of a SplitMix64 generator seeded with ``key`` (one finaliser per value)."""
-    return _splitmix64(counter * _GOLDEN + key)
-
-
-def normal_from_counter(key: int, counter: torch.Tensor) -> torch.Tensor:
-    """Standard normals, one per int64 ``counter`` entry, for the stream ``key``. float32.
-
-    Box-Muller's cosine branch of one hash per value (``noise_block`` uses both branches).
-    """
-    u1, u2 = _uniforms(_hash(key, counter))
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
-
-
 def noise_block(key: int, indices: torch.Tensor, size: int, device=None) -> torch.Tensor:
     """Rows of i.i.d. normals: row ``j`` is the ``size`` values of noise index ``indices[j]``.
 
@@ -96,7 +75,9 @@ def noise_block(key: int, indices: torch.Tensor, size: int, device=None) -> torc
     idx = indices.to(device=device, dtype=torch.int64)
     half = (size + 1) // 2
     counter = idx[:, None] * half + torch.arange(half, device=device, dtype=torch.int64)[None, :]
-    u1, u2 = _uniforms(_hash(key, counter))
+    h = _splitmix64(counter * _GOLDEN + key)  # output `counter` of a SplitMix64 generator seeded with key
+    u1 = (_srl(h, 40).to(torch.float32) + 1.0) * (1.0 / (1 << 24))  # 24-bit uniforms, exact in float32: (0, 1]
+    u2 = ((h >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / (1 << 24))  # [0, 1)
     radius = torch.sqrt(-2.0 * torch.log(u1))
     angle = (2.0 * math.pi) * u2
     out = torch.empty(idx.shape[0], 2, half, device=device, dtype=torch.float32)

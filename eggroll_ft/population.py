@@ -248,10 +248,7 @@ class Population:
         r = Bu.shape[2]
         T = x.numel() // (x.shape[0] * n)
         xb = torch.bmm(x.view(U, G * T, n), Bu)  # (U, G T, r)
-        if T == 1:
-            xb.mul_(scale.unsqueeze(-1))
-        else:
-            xb.view(U, G, T, r).mul_(scale[:, :, None, None])
+        xb.view(U, G, T, r).mul_(scale[:, :, None, None])
         og = out.view(U, G * T, m)
         if r == 1:
             og.addcmul_(xb, Au)  # (U, G T, 1) * (U, 1, m)

@@ -49,6 +49,10 @@ def test_rows_depend_only_on_their_index_and_are_standard_normal():
     z = all_rows.flatten()
     assert abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 1) < 0.02
     assert abs(float((z ** 4).mean()) - 3) < 0.15  # Gaussian kurtosis
+    # odd row length: the last sine value is dropped, rows still depend only on their index
+    odd = noise_block(key, torch.arange(64), 499)
+    assert odd.shape == (64, 499) and torch.equal(noise_block(key, torch.tensor([63]), 499)[0], odd[63])
+    assert abs(float(odd.std()) - 1) < 0.02
 
 
 def test_full_rank_mode_is_dense():
