@@ -49,10 +49,42 @@ def worker(out: str, steps: int, hidden: int, layers: int, population: int, prom
                          learning_rate=0.01, prompts_per_step=prompts, max_completion_length=tokens,
                          max_sequences_in_flight=jobs // 2, report_to="none",
                          use_cpu=True, save_strategy="no", logging_steps=steps, disable_tqdm=True)
+    phases = {"step": 0.0, "generate": 0.0, "rewards": 0.0, "generate+score+gather": 0.0, "update": 0.0}
+
+    def timed(name, fn):
+        def run(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                phases[name] += time.perf_counter() - t
+        return run
+
+    class PhaseTimedTrainer(EggrollTrainer):
+        """Seconds spent in each phase of the ES step, summed over the run (this process)."""
+
+        def training_step(self, *a, **kw):
+            return timed("step", super().training_step)(*a, **kw)
+
+        def _generate(self, *a, **kw):
+            return timed("generate", super()._generate)(*a, **kw)
+
+        def _calculate_rewards(self, *a, **kw):
+            return timed("rewards", super()._calculate_rewards)(*a, **kw)
+
+        def _generate_and_score_completions(self, *a, **kw):
+            return timed("generate+score+gather", super()._generate_and_score_completions)(*a, **kw)
+
+        def _es_update(self, *a, **kw):
+            return timed("update", super()._es_update)(*a, **kw)
+
     step_times = StepTimer()
-    trainer = EggrollTrainer(model, char_fraction_reward("a"), args=args, train_dataset=ds, processing_class=tok,
-                             callbacks=[step_times])
+    trainer = PhaseTimedTrainer(model, char_fraction_reward("a"), args=args, train_dataset=ds, processing_class=tok,
+                                callbacks=[step_times])
     trainer.train()
+    rank = trainer.args.process_index
+    with open(os.path.join(out, f"phases{rank}.json"), "w") as f:
+        json.dump(phases, f)
     if trainer.is_world_process_zero():
         with open(os.path.join(out, "bench.json"), "w") as f:
             json.dump({"train_runtime": trainer.state.log_history[-1]["train_runtime"], "jobs": jobs,
@@ -78,12 +110,13 @@ def ceiling_worker(hidden: int, seconds_out: str):
 def ceiling(nproc: int, hidden: int) -> float:
     """Throughput of ``nproc`` concurrent copies of ``ceiling_worker`` over one copy alone."""
     def launch(k):
-        outs = [tempfile.mktemp(prefix="ceiling_") for _ in range(k)]
-        procs = [subprocess.Popen([sys.executable, __file__, "--ceiling-worker", o, "--hidden", str(hidden)],
-                                  env={**os.environ, "OMP_NUM_THREADS": "1"}) for o in outs]
-        for p in procs:
-            p.wait()
-        return [float(open(o).read()) for o in outs]
+        with tempfile.TemporaryDirectory(prefix="ceiling_") as tmp:
+            outs = [os.path.join(tmp, str(i)) for i in range(k)]
+            procs = [subprocess.Popen([sys.executable, __file__, "--ceiling-worker", o, "--hidden", str(hidden)],
+                                      env={**os.environ, "OMP_NUM_THREADS": "1"}) for o in outs]
+            for p in procs:
+                p.wait()
+            return [float(open(o).read()) for o in outs]
 
     alone = launch(1)[0]
     together = launch(nproc)
@@ -100,8 +133,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(nproc: int, threads: int, a) -> tuple[float, float]:
-    """(samples/s over the whole training, samples/s of the median step after the first)."""
+def run(nproc: int, threads: int, a) -> tuple[float, float, list[dict]]:
+    """(samples/s over the whole training, samples/s of the median step after the first, each
+    process's seconds per phase)."""
     out = tempfile.mkdtemp(prefix=f"scaleout{nproc}_")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     worker_args = ["--worker", out, "--steps", str(a.steps), "--hidden", str(a.hidden), "--layers", str(a.layers),
@@ -116,7 +150,8 @@ def run(nproc: int, threads: int, a) -> tuple[float, float]:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     with open(os.path.join(out, "bench.json")) as f:
         r = json.load(f)
-    return r["jobs"] * r["steps"] / r["train_runtime"], r["jobs"] / statistics.median(r["step_times"][1:])
+    phases = [json.loads(open(os.path.join(out, f"phases{k}.json")).read()) for k in range(nproc)]
+    return r["jobs"] * r["steps"] / r["train_runtime"], r["jobs"] / statistics.median(r["step_times"][1:]), phases
 
 
 def main():
@@ -146,6 +181,12 @@ def main():
     for k, what in ((0, "whole training (train_runtime)"), (1, "median step (steady state)")):
         m1, mk = statistics.median(r[k] for r in one), statistics.median(r[k] for r in many)
         print(f"{what}: median samples/s 1 process {m1:.1f}, {a.nproc} processes {mk:.1f}; ratio {mk / m1:.2f}x")
+    for label, r in (("1 process", one[-1]), (f"{a.nproc} processes", many[-1])):
+        for rank, ph in enumerate(r[2]):
+            rest = ph["generate+score+gather"] - ph["generate"] - ph["rewards"]
+            print(f"phases, last run, {label}, rank {rank}: step {ph['step']:.2f} s = generate {ph['generate']:.2f} + "
+                  f"rewards {ph['rewards']:.2f} + gather/bookkeeping {rest:.2f} + update {ph['update']:.2f} + other "
+                  f"{ph['step'] - ph['generate+score+gather'] - ph['update']:.2f}")
     ceilings = [ceiling(a.nproc, a.hidden) for _ in range(a.repeats)]
     print(f"machine ceiling ({a.nproc} concurrent copies of a plain torch decode-like loop over 1, no eggroll_ft): "
           f"{statistics.median(ceilings):.2f}x ({', '.join(f'{c:.2f}' for c in ceilings)})")
