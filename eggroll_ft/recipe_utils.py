@@ -50,27 +50,6 @@ def cache_dir() -> str:
     return os.environ.get("EGGROLL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "eggroll_ft")
 
 
-def fixed_mmap_threshold(nbytes: int = 4 << 20) -> bool:
-    """Serve heap blocks of ``nbytes`` or more by ``mmap`` (glibc ``mallopt(M_MMAP_THRESHOLD)``).
-
-    glibc raises its mmap threshold after large blocks are freed, so later large tensors come from
-    the heap; when two generation workloads alternate in one CPU process (ES steps through the
-    engine and held-out evaluation through ``generate``), the heap fragments and the resident set
-    grows step after step although live tensors do not (measured: the compare script's EGGROLL
-    process grew ~13 MiB per step, to 4.5 GiB after 450 steps, with 3 MiB of live tensors; with this
-    call it stayed at ~540 MiB at the same speed). A fixed threshold returns large blocks to the
-    system when freed. Process-wide; a no-op (False) off glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, int(nbytes)))  # M_MMAP_THRESHOLD = -3
-    except (OSError, AttributeError):
-        return False
-
-
 def build_dir_atomically(path: str, build) -> str:
     """Run ``build(tmp_dir)`` in a temporary sibling of ``path`` and rename it into place.
 

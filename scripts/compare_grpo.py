@@ -124,11 +124,8 @@ def run_method(spec: dict) -> None:
     from rewards import get_reward_func
     from rewards.countdown import countdown_reward
 
-    from eggroll_ft.recipe_utils import fixed_mmap_threshold
-
     a, method, settings, run_dir = CompareArguments(**spec["args"]), spec["method"], spec["settings"], spec["run_dir"]
     torch.set_num_threads(a.threads)
-    fixed_mmap_threshold()  # both methods alike: training and evaluation alternate in this process
     rss_after_imports = peak_rss_mb()
     train, heldout = datasets_for(a, spec["eval_seed"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
