@@ -20,6 +20,7 @@ Adapters know nothing of members or sampling: the engine wraps their calls in th
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -38,8 +39,14 @@ class _SlotLayer(CacheLayerMixin):
 
     def __init__(self, owner: "SlotKVCache"):
         super().__init__()
-        self.owner = owner
+        # a weak reference: cache -> layers -> cache would be a reference cycle, and a cycle's
+        # buffers (the whole key/value cache) wait for a full garbage collection to be freed
+        self._owner = weakref.ref(owner)
         self.keys = self.values = None
+
+    @property
+    def owner(self) -> "SlotKVCache":
+        return self._owner()
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         o = self.owner
