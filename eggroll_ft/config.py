@@ -65,6 +65,8 @@ class EggrollConfig(TrainingArguments):
     max_sequences_in_flight: int | None = _help("Sequences in flight in the engine (its slots), also the unit of work across "
                                                 "processes; default from generation_memory_gb, else all jobs of the step.", default=None)
     generation_memory_gb: float | None = _help("Memory budget (GiB) of the engine's slots when max_sequences_in_flight is unset.", default=None)
+    compile_decode: bool = _help("Capture the engine's decode step with torch.compile (CUDA graphs on CUDA); static slot "
+                                 "shapes. For GPUs: on CPU it is slower than eager (docs/benchmarks.md).", default=False)
     greedy: bool = _help("Greedy decoding (the paper's Countdown setting); otherwise sample.", default=False)
     stop_strings: list[str] | None = _help("Strings that end a completion (kept in the text).", default=None)
     # ---- GRPOConfig fields with the same meaning -----------------------------------------

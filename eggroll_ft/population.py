@@ -120,6 +120,7 @@ class Population:
         self._rows: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self._rows_key: tuple | None = None
         self._rows_members: torch.Tensor | None = None  # the validated ids of the block keyed by _rows_key
+        self._grouped = True  # the active block's grouping of rows that share a member (members(grouped=))
         self._handles = []
         modules = select_linear_modules(model, perturb_modules, exclude_modules)
         if not modules:
@@ -147,17 +148,19 @@ class Population:
             self.sigma = float(sigma)
 
     @contextmanager
-    def members(self, member_ids: torch.Tensor):
+    def members(self, member_ids: torch.Tensor, grouped: bool = True):
         """Within the block, batch row ``b`` of every forward runs member ``member_ids[b]``.
 
         ``-1`` (``UNPERTURBED``) runs the mean weights. Nested blocks restore the outer one.
         The per-row factors are gathered once per block and layer, and kept while the same
         ``member_ids`` tensor is passed again unmodified (the engine re-enters a block with its slot
         tensor every decode step; an in-place change of that tensor regathers).
+        ``grouped=False`` gathers factors row by row even where consecutive rows share a member,
+        so their shapes depend on the batch size only (a captured decode step needs that).
         """
-        key = (member_ids, member_ids._version) if torch.is_tensor(member_ids) else None
+        key = (member_ids, member_ids._version, grouped) if torch.is_tensor(member_ids) else None
         rows_key = self._rows_key
-        if key is not None and rows_key is not None and rows_key[0] is key[0] and rows_key[1] == key[1]:
+        if key is not None and rows_key is not None and rows_key[0] is key[0] and rows_key[1:] == key[1:]:
             active = self._rows_members  # the same tensor again (every decode step): checked already
         else:  # validate (a device sync on GPU) only when the member tensor changes
             self._rows.clear()
@@ -167,12 +170,12 @@ class Population:
                                  f"[{int(ids.min())}, {int(ids.max())}]")
             # a block where every row is unperturbed (evaluation) leaves the hooks idle
             active = None if ids.numel() and bool((ids == UNPERTURBED).all()) else ids
-        previous = (self._row_members, self._rows_key, self._rows_members)
-        self._row_members, self._rows_key, self._rows_members = active, key, active
+        previous = (self._row_members, self._rows_key, self._rows_members, self._grouped)
+        self._row_members, self._rows_key, self._rows_members, self._grouped = active, key, active, grouped
         try:
             yield self
         finally:
-            self._row_members = previous[0]
+            self._row_members, self._grouped = previous[0], previous[3]
             if previous[0] is not None:  # back in an outer block: its rows are regathered lazily
                 self._rows.clear()
                 self._rows_key, self._rows_members = previous[1], previous[2]
@@ -223,7 +226,7 @@ class Population:
         scale = self.noise.sign(safe).to(A.device) * (members >= 0).to(torch.float32)
         scale = scale * (self.sigma / math.sqrt(self.noise.rank))  # (P,)
         P = idx.numel()
-        G = int((idx == idx[0]).int().argmin()) or P if P else 1  # length of the first run
+        G = (int((idx == idx[0]).int().argmin()) or P if P else 1) if self._grouped else 1  # first run's length
         if G > 1 and (P % G or not bool((idx.view(-1, G) == idx.view(-1, G)[:, :1]).all())):
             G = 1
         u = idx.view(-1, G)[:, 0]  # (U,)
@@ -232,6 +235,15 @@ class Population:
                 scale.view(-1, G).to(dtype))  # (U, G)
         self._rows[(name, dtype)] = rows
         return rows
+
+    def gather_rows(self, dtype: torch.dtype) -> None:
+        """Gather every layer's factors of the active members block now (see ``_row_factors``),
+        so that forwards inside the block only read them: no host sync, no dictionary writes (what
+        a compiled or captured forward needs). Does nothing outside a block or when all rows are
+        unperturbed."""
+        if self._row_members is not None:
+            for name in self.params:
+                self._row_factors(name, self._row_members, dtype)
 
     def _add_lowrank_(self, name: str, x: torch.Tensor, out: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
         """``out += (sigma/sqrt(r)) s_i (x B_i) A_i^T`` row by row, in place; returns ``out``.

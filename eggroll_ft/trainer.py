@@ -156,7 +156,7 @@ class EggrollTrainer(Trainer):
         self.eos_token_ids = eos
         self.engine = PopulationEngine(model, self.population, eos_token_ids=eos, pad_token_id=tok.pad_token_id,
                                        max_sequences_in_flight=args.max_sequences_in_flight, tokenizer=tok,
-                                       stop_strings=args.stop_strings,
+                                       stop_strings=args.stop_strings, compile_decode=args.compile_decode,
                                        memory_budget_bytes=int(args.generation_memory_gb * 2**30)
                                        if args.generation_memory_gb else None)
 

@@ -3,6 +3,7 @@
     python scripts/bench_engine.py                      # CPU defaults: ~11M-parameter random Llama
     python scripts/bench_engine.py --device cuda --dtype bfloat16 --hidden 1536 --layers 28 \
         --intermediate 8960 --vocab 151936 --population 1024 --new-tokens 128   # ~1.5B, GPU
+    python scripts/bench_engine.py --compile ...        # also with the decode step compiled / captured
 
 Figures (every row a different member, rank 1, greedy, no EOS so every job runs to the same length):
 
@@ -111,13 +112,30 @@ def throughput(args):
             with pop.materialized(m):
                 plain.generate([prompts[m]], -1, max_new_tokens=new, sampling=greedy)
 
+    compiled = {}
+    if args.compile:  # the same engines with the decode step captured (CUDA graphs on CUDA)
+        ours_c = PopulationEngine(model, pop, max_sequences_in_flight=slots, compile_decode=True)
+        plain_c = PopulationEngine(model, None, max_sequences_in_flight=slots, compile_decode=True)
+
+        def run_ours_c():
+            assert sum(ours_c.generate(prompts, members, max_new_tokens=new, sampling=greedy).lengths) == tokens
+
+        def run_plain_c():
+            assert sum(plain_c.generate(prompts, -1, max_new_tokens=new, sampling=greedy).lengths) == tokens
+
+        for name, fn in (("ours_compiled", run_ours_c), ("plain_compiled", run_plain_c)):
+            t0 = time.perf_counter()
+            fn()  # compiles (same slot count and length as the timed runs)
+            compiled[name] = fn
+            print(f"{name}: first call (compilation) {time.perf_counter() - t0:.1f}s", flush=True)
+
     # warm-up (allocator, lazy init), then interleaved repetitions
     ours.generate(prompts[:4], members[:4], max_new_tokens=2, sampling=greedy)
     plain.generate(prompts[:4], -1, max_new_tokens=2, sampling=greedy)
-    times = {"noise": [], "ours": [], "plain": [], "hf": [], "naive": []}
+    times = {"noise": [], "ours": [], "plain": [], "hf": [], "naive": [], **{n: [] for n in compiled}}
     for rep in range(args.reps):
         times["noise"].append(timed(new_noise, args.device))
-        order = [("ours", run_ours), ("plain", run_plain)]
+        order = [("ours", run_ours), ("plain", run_plain), *compiled.items()]
         for name, fn in order if rep % 2 == 0 else order[::-1]:  # alternate who goes first
             times[name].append(timed(fn, args.device))
         if not args.skip_hf:
@@ -133,7 +151,14 @@ def throughput(args):
     if times["naive"]:
         tps["naive"] = k * new / statistics.median(times["naive"])
     pair = [p / o for o, p in zip(times["ours"], times["plain"])]
-    return {"tokens_per_s": tps, "noise_seconds_per_step": med["noise"],
+    if compiled:
+        tps.update({n: tokens / med[n] for n in compiled})
+        compiled = {"compiled_population_over_plain": tps["ours_compiled"] / tps["plain_compiled"],
+                    "compiled_population_with_noise_over_plain": tokens / (med["ours_compiled"] + med["noise"])
+                    / tps["plain_compiled"],
+                    "compiled_over_eager_population": tps["ours_compiled"] / tps["ours"],
+                    "compiled_over_eager_plain": tps["plain_compiled"] / tps["plain"]}
+    return {**compiled,"tokens_per_s": tps, "noise_seconds_per_step": med["noise"],
             "population_over_plain": tps["ours"] / tps["plain"],
             "population_over_plain_pairwise_median": statistics.median(pair),
             "population_with_noise_over_plain": tps["ours_with_noise"] / tps["plain"],
@@ -213,6 +238,8 @@ def main():
     ap.add_argument("--naive-reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: on an oversubscribed machine, OpenMP spinning makes 2 threads slower)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time both engines with compile_decode=True (inductor on CPU, CUDA graphs on CUDA)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--memory-only", action="store_true")

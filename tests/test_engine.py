@@ -295,3 +295,43 @@ def test_generation_leaves_no_tensors_in_reference_cycles(tok, kind):
         assert len(out.completion_ids) == len(prompts)
 
     assert _cyclic_garbage_tensors(run) == []
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLE], ids=["greedy", "sampled"])
+def test_compiled_decode_step_equals_eager(tok, sampling):
+    """``compile_decode``: the whole decode step traces as one graph (``fullgraph=True``: no graph
+    break in the model, the population hooks or the slot cache) and gives the eager completions,
+    with continuous batching and repeated calls reusing the compiled step. The ``eager`` backend
+    checks the capture itself quickly; the inductor backend runs in the slow test below."""
+    model, pop, prompts, members = _setup(tok)
+    seeds = torch.arange(len(prompts))
+    ref = _engine(model, pop, max_sequences_in_flight=4).generate(prompts, members, seeds, max_new_tokens=10,
+                                                                  sampling=sampling)
+    torch._dynamo.reset()
+    engine = _engine(model, pop, max_sequences_in_flight=4, compile_decode={"backend": "eager", "fullgraph": True})
+    for _ in range(2):
+        out = engine.generate(prompts, members, seeds, max_new_tokens=10, sampling=sampling)
+        assert out.completion_ids == ref.completion_ids
+        assert out.finish_reasons == ref.finish_reasons
+    assert engine._compiled_step is not None
+
+
+def test_compile_decode_arguments_are_checked(tok):
+    model, pop, _, _ = _setup(tok)
+    with pytest.raises(ValueError, match="compile_decode='yes' must be a bool or a dict"):
+        _engine(model, pop, compile_decode="yes")
+    with pytest.raises(ValueError, match="static_len_multiple=0"):
+        _engine(model, pop, compile_decode=True, static_len_multiple=0)
+    with pytest.raises(ValueError, match="only transformers models have a capturable decode step"):
+        _engine(TinyRecurrentLM(len(tok)), None, compile_decode=True)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_decode_step_equals_eager(tok):
+    """The default CPU path of ``compile_decode=True``: inductor-generated C++ (about 30 s to compile here)."""
+    model, pop, prompts, members = _setup(tok)
+    ref = _engine(model, pop, max_sequences_in_flight=4).generate(prompts, members, max_new_tokens=10, sampling=GREEDY)
+    torch._dynamo.reset()
+    engine = _engine(model, pop, max_sequences_in_flight=4, compile_decode=True)
+    for _ in range(2):
+        assert engine.generate(prompts, members, max_new_tokens=10, sampling=GREEDY).completion_ids == ref.completion_ids

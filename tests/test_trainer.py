@@ -214,3 +214,18 @@ def test_grpo_script_runs_with_eggroll_class_names(tmp_path):
 def test_grpo_script_is_a_working_trl_script(tmp_path):
     """The unswapped script really is a TRL GRPO script (slow: TRL's GRPOTrainer on CPU)."""
     assert 0.0 <= _run_script(tmp_path, "grpo.py", (HERE / "data" / "grpo_script.py").read_text()) <= 1.0
+
+
+@pytest.mark.slow
+def test_compile_decode_trains_to_the_same_weights(tmp_path):
+    """``compile_decode=True`` (inductor on CPU, ~30 s to compile) changes how the decode step
+    runs, not what it computes: two ES steps give the eager run's weights (up to float rounding)."""
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        tr = _trainer(tmp_path / str(compiled), compile_decode=compiled, greedy=True, population_size=8)
+        tr.train()
+        runs.append({k: v.clone() for k, v in tr.model.state_dict().items()})
+    for k in runs[0]:
+        torch.testing.assert_close(runs[1][k], runs[0][k], rtol=1e-5, atol=1e-6, msg=k)
+    assert any(not torch.equal(runs[0][k], _trainer(tmp_path / "fresh").model.state_dict()[k]) for k in runs[0])

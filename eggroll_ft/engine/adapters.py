@@ -53,6 +53,9 @@ class _SlotLayer(CacheLayerMixin):
         shape = (o.num_slots, key_states.shape[1], o.max_len)
         self.keys = key_states.new_zeros(*shape, key_states.shape[-1])
         self.values = value_states.new_zeros(*shape, value_states.shape[-1])
+        if o.static:  # a captured decode step writes into these buffers in place (as transformers' StaticCache)
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -88,10 +91,13 @@ class SlotKVCache(Cache):
 
     Per slot: ``write_pos`` (where its next key goes), ``position`` (its next RoPE position, which
     skips left padding), ``valid (S, L)`` (which cache entries it may attend to) and ``live``.
+    ``static=True``: every decode step attends over all ``max_len`` entries (masked) instead of the
+    longest sequence so far, and the buffers keep their addresses, so every step has the same
+    shapes and inputs (what ``torch.compile`` and CUDA graphs capture once and replay).
     """
 
-    def __init__(self, num_layers: int, num_slots: int, max_len: int, device):
-        self.num_slots, self.max_len = num_slots, max_len
+    def __init__(self, num_layers: int, num_slots: int, max_len: int, device, static: bool = False):
+        self.num_slots, self.max_len, self.static = num_slots, max_len, static
         self.prefill_rows: torch.Tensor | None = None
         self.kv_len = 1
         self.arange = torch.arange(num_slots, device=device)
@@ -101,10 +107,16 @@ class SlotKVCache(Cache):
         self.live = torch.zeros(num_slots, dtype=torch.bool, device=device)  # (S,)
         self.write_pos_host = [0] * num_slots  # mirrors write_pos and live, so kv_len needs no device sync
         self.live_host = [False] * num_slots
+        if static:
+            self.kv_len = max_len
+            for t in (self.arange, self.write_pos, self.position, self.valid, self.live):
+                torch._dynamo.mark_static_address(t)
         super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
 
     def select(self, keep: list[int]) -> None:
         """Keep only slots ``keep`` (in that order): the slot count becomes ``len(keep)``."""
+        if self.static:
+            raise RuntimeError("a static SlotKVCache keeps its slots (captured shapes); it cannot be compacted")
         idx = torch.as_tensor(keep, dtype=torch.long, device=self.arange.device)
         for layer in self.layers:
             layer.select(idx)
@@ -137,8 +149,10 @@ class HFCausalLMAdapter:
         head_dim = getattr(cfg, "head_dim", None) or hidden // heads
         return 2 * self.num_layers * kv_heads * head_dim * max_len * self.dtype.itemsize
 
-    def allocate(self, num_slots: int, max_len: int, device) -> SlotKVCache:
-        return SlotKVCache(self.num_layers, num_slots, max_len, device)
+    supports_static = True  # decode_step can be compiled / captured (static slot cache)
+
+    def allocate(self, num_slots: int, max_len: int, device, static: bool = False) -> SlotKVCache:
+        return SlotKVCache(self.num_layers, num_slots, max_len, device, static=static)
 
     def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """bool ``(B, Tq, Tk)`` -> additive float ``(B, 1, Tq, Tk)`` in the model's dtype."""
@@ -180,18 +194,28 @@ class HFCausalLMAdapter:
             cache.write_pos_host[r], cache.live_host[r] = T, True
         return out.logits[:, -1]
 
-    def decode(self, cache: SlotKVCache, tokens: torch.Tensor) -> torch.Tensor:
-        """One token per slot ``(S,)`` -> next-token logits ``(S, V)``; free slots compute garbage."""
+    def decode(self, cache: SlotKVCache, tokens: torch.Tensor, step=None) -> torch.Tensor:
+        """One token per slot ``(S,)`` -> next-token logits ``(S, V)``; free slots compute garbage.
+
+        The host-side bookkeeping is here; the tensor work is ``decode_step`` (or ``step``, a
+        compiled version of it)."""
         if max(cache.write_pos_host) >= cache.max_len:
             raise RuntimeError(f"slot cache of length {cache.max_len} is full")
+        if not cache.static:
+            cache.kv_len = max(cache.write_pos_host) + 1
+        logits = (step or self.decode_step)(cache, tokens)
+        cache.write_pos_host = [w + live for w, live in zip(cache.write_pos_host, cache.live_host)]
+        return logits
+
+    def decode_step(self, cache: SlotKVCache, tokens: torch.Tensor) -> torch.Tensor:
+        """The decode step's tensor work, with no host sync and no Python-side state change: the
+        part that ``torch.compile`` (and, on CUDA, CUDA graphs) captures."""
         cache.valid[cache.arange, cache.write_pos] = True
-        cache.kv_len = max(cache.write_pos_host) + 1
         mask = self._mask(cache.valid[:, None, : cache.kv_len])  # (S, 1, 1, kv_len)
         out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=cache.position[:, None],
                          use_cache=True, **{self._cache_kw: cache})
         cache.write_pos += cache.live
         cache.position += cache.live
-        cache.write_pos_host = [w + live for w, live in zip(cache.write_pos_host, cache.live_host)]
         return out.logits[:, -1]
 
     def release(self, cache: SlotKVCache, rows: list[int]) -> None:
@@ -215,6 +239,8 @@ def _split(out):
 
 
 class RecurrentAdapter:
+    supports_static = False  # its decode step returns a new state each step: not captured (yet)
+
     def __init__(self, model):
         self.model = model
         self._keep_kw = "logits_to_keep" in _forward_params(model)
@@ -231,7 +257,7 @@ class RecurrentAdapter:
         tensors = [tensors] if torch.is_tensor(tensors) else list(tensors)
         return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
-    def allocate(self, num_slots: int, max_len: int, device):
+    def allocate(self, num_slots: int, max_len: int, device, static: bool = False):
         return {"state": self._init_state(num_slots, device)}
 
     def _forward(self, input_ids, state, attention_mask=None, keep_last=False):
@@ -252,7 +278,7 @@ class RecurrentAdapter:
                 s[idx] = n.to(s.dtype)
         return logits
 
-    def decode(self, slots: dict, tokens: torch.Tensor) -> torch.Tensor:
+    def decode(self, slots: dict, tokens: torch.Tensor, step=None) -> torch.Tensor:
         logits, slots["state"] = self._forward(tokens[:, None], slots["state"])
         return logits
 

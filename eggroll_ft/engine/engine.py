@@ -56,13 +56,21 @@ class PopulationEngine:
     def __init__(self, model, population=None, eos_token_ids=(), pad_token_id: int = 0,
                  max_sequences_in_flight: int | None = None, tokenizer=None, stop_strings=None,
                  memory_budget_bytes: int | None = None, continuous_batching: bool = True,
-                 refill_fraction: float = 0.0):
+                 refill_fraction: float = 0.0, compile_decode=False, static_len_multiple: int = 64):
         """``max_sequences_in_flight``: slot count ``S`` (default: from ``memory_budget_bytes``,
         else all jobs at once). ``memory_budget_bytes``: bytes the slots' state and per-slot working
         memory may use (see ``slot_bytes``). ``continuous_batching=False`` refills only when every
         slot is free (static batching, for comparison). ``refill_fraction``: refill once at least
         this fraction of the slots is free (0: as soon as one is), trading idle slots for fewer,
-        larger prefill calls."""
+        larger prefill calls.
+
+        ``compile_decode``: run the decode step through ``torch.compile`` (``True``: CUDA graphs
+        on CUDA, ``mode="reduce-overhead"``; the default inductor mode elsewhere; a dict: keyword
+        arguments of ``torch.compile``). The slots then keep static shapes: the key/value cache
+        has ``static_len_multiple``-rounded length, every step attends over all of it (masked), no
+        compaction at the tail, and the population gathers factors row by row, so one compiled
+        step serves every decode step of every call with the same slot count and length.
+        Transformers models only (``HFCausalLMAdapter``). Prefill and sampling stay eager."""
         if max_sequences_in_flight is not None and max_sequences_in_flight < 1:
             raise ValueError(f"max_sequences_in_flight={max_sequences_in_flight} must be >= 1")
         if memory_budget_bytes is not None and memory_budget_bytes <= 0:
@@ -87,6 +95,16 @@ class PopulationEngine:
         # a new stop string ends inside the last few tokens: a token decodes to >= 1 byte, a char to <= 4 bytes
         self._stop_window = 4 * max((len(s) for s in self.stop_strings), default=0) + 4
         self.last_num_slots = 0  # slot count of the last generate call (for logs and benchmarks)
+        if compile_decode and not getattr(self.adapter, "supports_static", False):
+            raise ValueError(f"compile_decode={compile_decode!r}: only transformers models have a capturable decode "
+                             f"step; {type(model).__name__} uses {type(self.adapter).__name__}")
+        if not isinstance(compile_decode, (bool, dict)):
+            raise ValueError(f"compile_decode={compile_decode!r} must be a bool or a dict of torch.compile arguments")
+        if static_len_multiple < 1:
+            raise ValueError(f"static_len_multiple={static_len_multiple} must be >= 1")
+        self.compile_decode = compile_decode
+        self.static_len_multiple = static_len_multiple
+        self._compiled_step = None
 
     @property
     def device(self) -> torch.device:
@@ -147,18 +165,35 @@ class PopulationEngine:
         if self.population is None and bool((jobs["member"] >= 0).any()):
             raise ValueError("member ids >= 0 need a population")
         max_len = max(len(p) for p in prompt_ids) + max_new_tokens
+        if self.compile_decode:  # a few lengths (and so compiled graphs) serve all calls
+            max_len = -(-max_len // self.static_len_multiple) * self.static_len_multiple
         return self._run(prompt_ids, jobs, max_new_tokens, self.num_slots(J, max_len), max_len)
 
     # ---- the scheduler ---------------------------------------------------------------------------
     def _members_ctx(self, member_ids: torch.Tensor):
-        return self.population.members(member_ids) if self.population is not None else nullcontext()
+        if self.population is None:
+            return nullcontext()
+        return self.population.members(member_ids, grouped=not self.compile_decode)
+
+    def _step_fn(self):
+        """The compiled decode step (built once per engine; ``None`` when not compiling)."""
+        if not self.compile_decode:
+            return None
+        if self._compiled_step is None:
+            opts = dict(self.compile_decode) if isinstance(self.compile_decode, dict) else \
+                {"mode": "reduce-overhead"} if self.device.type == "cuda" else {}
+            opts.setdefault("dynamic", False)
+            self._compiled_step = torch.compile(self.adapter.decode_step, **opts)
+        return self._compiled_step
 
     def _run(self, prompts, jobs, max_new_tokens, S, max_len) -> GenerationOutput:
         device, J = self.device, len(prompts)
         jobs = {k: v.to(device) for k, v in jobs.items()}
         self.last_num_slots = S
         adapter = self.adapter
-        state = adapter.allocate(S, max_len, device)
+        static = bool(self.compile_decode)
+        state = adapter.allocate(S, max_len, device, static=static)
+        step = self._step_fn()
         slot_job = [-1] * S  # job of each slot, -1 when free
         slot = {k: v[:1].expand(S).clone() for k, v in jobs.items()}  # per-slot copies of the job fields
         slot["member"].fill_(-1)
@@ -218,7 +253,9 @@ class PopulationEngine:
                 break
             if live:
                 with self._members_ctx(slot["member"]):
-                    logits = adapter.decode(state, tok)  # (S, V)
+                    if static and self.population is not None:
+                        self.population.gather_rows(adapter.dtype)  # the hooks only read them
+                    logits = adapter.decode(state, tok, step=step)  # (S, V)
             if finished:
                 adapter.release(state, finished)
             free = [s for s in range(len(slot_job)) if slot_job[s] < 0]
@@ -226,7 +263,7 @@ class PopulationEngine:
                 enough = len(free) >= max(1, int(self.refill_fraction * len(slot_job)))
                 if not live or (self.continuous_batching and enough):
                     refill(free)
-            elif next_job >= J and len(live) <= len(slot_job) // 2:
+            elif not static and next_job >= J and len(live) <= len(slot_job) // 2:
                 # the queue is empty: shrink to the live slots so the tail decodes a smaller batch
                 state = adapter.compact(state, live)
                 keep = torch.tensor(live, device=device)
