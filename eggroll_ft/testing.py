@@ -1,13 +1,24 @@
 """Tiny models and tokenizers built in code, for tests, examples and offline smoke runs.
 
 Nothing here reaches a hub: a character-level tokenizer (``tokenizers`` WordLevel over single
-characters, wrapped in ``PreTrainedTokenizerFast``) and small random Llama / GPT-2 models.
+characters, wrapped in ``PreTrainedTokenizerFast``) and small random Llama / GPT-2 models; and
+``free_port`` for multi-process launches.
 """
 from __future__ import annotations
 
 import string
 
 import torch
+
+def free_port() -> int:
+    """A free local TCP port for a launch's rendezvous: torchrun's default 29500, or any fixed port,
+    may still be held by the previous launch's socket (seen as a failed launch in a full test run)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 CHARS = string.ascii_letters + string.digits + " .,:;!?+-*/=()[]<>#$%'\"\n"
 

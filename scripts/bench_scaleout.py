@@ -21,6 +21,8 @@ import time
 
 from transformers import TrainerCallback
 
+from eggroll_ft.testing import free_port
+
 
 class StepTimer(TrainerCallback):
     """Wall-clock of each training step (every process leaves a step together: the rewards gather)."""
@@ -123,16 +125,6 @@ def ceiling(nproc: int, hidden: int) -> float:
     return nproc * alone / max(together)
 
 
-def _free_port() -> int:
-    """A free TCP port for this run's rendezvous (torchrun's default 29500 may still be held by the
-    previous run's socket)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(nproc: int, threads: int, a) -> tuple[float, float, list[dict]]:
     """(samples/s over the whole training, samples/s of the median step after the first, each
     process's seconds per phase)."""
@@ -144,7 +136,7 @@ def run(nproc: int, threads: int, a) -> tuple[float, float, list[dict]]:
         cmd = [sys.executable, __file__, *worker_args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(_free_port()), __file__, *worker_args]
+               "--master_port", str(free_port()), __file__, *worker_args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from eggroll_ft.distributed import local_chunks, warn_if_cpu_multiprocess_ignored
+from eggroll_ft.testing import free_port
 
 SCRIPT = Path(__file__).parent / "data" / "scaleout_script.py"
 ROOT = Path(__file__).parents[1]
@@ -22,7 +23,7 @@ def _run(out, nproc, *extra, timeout=400):
         cmd = [sys.executable, str(SCRIPT), str(out), *extra]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(29500 + os.getpid() % 1000), str(SCRIPT), str(out), *extra]
+               "--master_port", str(free_port()), str(SCRIPT), str(out), *extra]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     return proc, time.time() - t0
