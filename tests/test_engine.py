@@ -256,6 +256,20 @@ def test_rwkv7_slots_match_one_batch_and_model_greedy():
     assert out.completion_ids[4] == plain
 
 
+def _model_case(tok, kind):
+    """(model, population, prompts, members) of one model family (Llama, an Elman RNN, RWKV-7)."""
+    if kind == "llama":
+        return _setup(tok)
+    if kind == "rwkv7":
+        rwkv7 = pytest.importorskip("eggroll_ft.models.rwkv7")
+        torch.manual_seed(0)
+        model = rwkv7.RWKV7ForCausalLM(rwkv7.RWKV7Config.from_size(64, 2, vocab_size=len(tok), head_size=16)).eval()
+    else:
+        model = TinyRecurrentLM(len(tok))
+    pop = Population(model, NoiseConfig(seed=0, rank=1), 8, sigma=0.1)
+    return model, pop, [tok(t)["input_ids"] for t in TEXTS], torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, -1, 2])
+
+
 def _cyclic_garbage_tensors(run) -> list[torch.Tensor]:
     """Tensors that ``run()`` left in reference cycles (freed only by a full garbage collection)."""
     import gc
@@ -279,15 +293,7 @@ def test_generation_leaves_no_tensors_in_reference_cycles(tok, kind):
     """The slot state is freed when ``generate`` returns, not at the next full collection: a
     cache <-> layer cycle once kept every step's key/value cache alive (the resident set of a
     comparison run grew by ~15 MiB a step until Python's rare full collections)."""
-    if kind == "rwkv7":
-        rwkv7 = pytest.importorskip("eggroll_ft.models.rwkv7")
-        torch.manual_seed(0)
-        model = rwkv7.RWKV7ForCausalLM(rwkv7.RWKV7Config.from_size(64, 2, vocab_size=len(tok), head_size=16)).eval()
-    else:
-        model = TinyRecurrentLM(len(tok)) if kind == "recurrent" else tiny_llama(len(tok), init_std=0.25)
-    pop = Population(model, NoiseConfig(seed=0, rank=1), 8, sigma=0.1)
-    prompts = [tok(t)["input_ids"] for t in TEXTS]
-    members = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, -1, 2])
+    model, pop, prompts, members = _model_case(tok, kind)
     engine = _engine(model, pop, max_sequences_in_flight=4)
 
     def run():
@@ -297,13 +303,14 @@ def test_generation_leaves_no_tensors_in_reference_cycles(tok, kind):
     assert _cyclic_garbage_tensors(run) == []
 
 
+@pytest.mark.parametrize("kind", ["llama", "recurrent", "rwkv7"])
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLE], ids=["greedy", "sampled"])
-def test_compiled_decode_step_equals_eager(tok, sampling):
+def test_compiled_decode_step_equals_eager(tok, kind, sampling):
     """``compile_decode``: the whole decode step traces as one graph (``fullgraph=True``: no graph
-    break in the model, the population hooks or the slot cache) and gives the eager completions,
-    with continuous batching and repeated calls reusing the compiled step. The ``eager`` backend
-    checks the capture itself quickly; the inductor backend runs in the slow test below."""
-    model, pop, prompts, members = _setup(tok)
+    break in the model, the population hooks, the slot cache or the in-place state update) and
+    gives the eager completions, with continuous batching and repeated calls reusing the compiled
+    step. The ``eager`` backend checks the capture itself quickly; inductor runs in the slow test."""
+    model, pop, prompts, members = _model_case(tok, kind)
     seeds = torch.arange(len(prompts))
     ref = _engine(model, pop, max_sequences_in_flight=4).generate(prompts, members, seeds, max_new_tokens=10,
                                                                   sampling=sampling)
@@ -322,14 +329,13 @@ def test_compile_decode_arguments_are_checked(tok):
         _engine(model, pop, compile_decode="yes")
     with pytest.raises(ValueError, match="static_len_multiple=0"):
         _engine(model, pop, compile_decode=True, static_len_multiple=0)
-    with pytest.raises(ValueError, match="only transformers models have a capturable decode step"):
-        _engine(TinyRecurrentLM(len(tok)), None, compile_decode=True)
 
 
 @pytest.mark.slow
-def test_inductor_compiled_decode_step_equals_eager(tok):
-    """The default CPU path of ``compile_decode=True``: inductor-generated C++ (about 30 s to compile here)."""
-    model, pop, prompts, members = _setup(tok)
+@pytest.mark.parametrize("kind", ["llama", "rwkv7"])
+def test_inductor_compiled_decode_step_equals_eager(tok, kind):
+    """The default CPU path of ``compile_decode=True``: inductor-generated C++ (30-50 s to compile here)."""
+    model, pop, prompts, members = _model_case(tok, kind)
     ref = _engine(model, pop, max_sequences_in_flight=4).generate(prompts, members, max_new_tokens=10, sampling=GREEDY)
     torch._dynamo.reset()
     engine = _engine(model, pop, max_sequences_in_flight=4, compile_decode=True)

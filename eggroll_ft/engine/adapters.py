@@ -238,8 +238,18 @@ def _split(out):
     return (out.logits, out.state) if hasattr(out, "logits") else out
 
 
+def _state_tensors(state) -> list[torch.Tensor]:
+    """The tensors of a recurrent state: a tensor, a tuple/list of tensors, or a dataclass-like
+    object of tensors (``RWKV7State``), in a fixed order."""
+    if torch.is_tensor(state):
+        return [state]
+    if isinstance(state, (tuple, list)):
+        return [t for s in state for t in _state_tensors(s)]
+    return [v for v in vars(state).values() if torch.is_tensor(v)]
+
+
 class RecurrentAdapter:
-    supports_static = False  # its decode step returns a new state each step: not captured (yet)
+    supports_static = True  # decode_step writes the new state into the slots' buffers in place
 
     def __init__(self, model):
         self.model = model
@@ -258,7 +268,11 @@ class RecurrentAdapter:
         return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
     def allocate(self, num_slots: int, max_len: int, device, static: bool = False):
-        return {"state": self._init_state(num_slots, device)}
+        state = self._init_state(num_slots, device)
+        if static:  # a captured decode step writes into these buffers in place
+            for t in _state_tensors(state):
+                torch._dynamo.mark_static_address(t)
+        return {"state": state}
 
     def _forward(self, input_ids, state, attention_mask=None, keep_last=False):
         kw = {"logits_to_keep": 1} if keep_last and self._keep_kw else {}
@@ -279,7 +293,17 @@ class RecurrentAdapter:
         return logits
 
     def decode(self, slots: dict, tokens: torch.Tensor, step=None) -> torch.Tensor:
+        if step is not None:  # compiled decode_step: the state is updated in place
+            return step(slots, tokens)
         logits, slots["state"] = self._forward(tokens[:, None], slots["state"])
+        return logits
+
+    def decode_step(self, slots: dict, tokens: torch.Tensor) -> torch.Tensor:
+        """One token per slot, the new state copied into the slots' own buffers (fixed addresses,
+        what ``torch.compile`` and CUDA graphs capture)."""
+        logits, new = self._forward(tokens[:, None], slots["state"])
+        for buf, value in zip(_state_tensors(slots["state"]), _state_tensors(new)):
+            buf.copy_(value)
         return logits
 
     def release(self, slots: dict, rows: list[int]) -> None:

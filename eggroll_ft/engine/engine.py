@@ -69,8 +69,9 @@ class PopulationEngine:
         arguments of ``torch.compile``). The slots then keep static shapes: the key/value cache
         has ``static_len_multiple``-rounded length, every step attends over all of it (masked), no
         compaction at the tail, and the population gathers factors row by row, so one compiled
-        step serves every decode step of every call with the same slot count and length.
-        Transformers models only (``HFCausalLMAdapter``). Prefill and sampling stay eager."""
+        step serves every decode step of every call with the same slot count and length
+        (recurrent models: the step writes the new state into the slots' buffers in place).
+        Prefill and sampling stay eager."""
         if max_sequences_in_flight is not None and max_sequences_in_flight < 1:
             raise ValueError(f"max_sequences_in_flight={max_sequences_in_flight} must be >= 1")
         if memory_budget_bytes is not None and memory_budget_bytes <= 0:
@@ -96,8 +97,8 @@ class PopulationEngine:
         self._stop_window = 4 * max((len(s) for s in self.stop_strings), default=0) + 4
         self.last_num_slots = 0  # slot count of the last generate call (for logs and benchmarks)
         if compile_decode and not getattr(self.adapter, "supports_static", False):
-            raise ValueError(f"compile_decode={compile_decode!r}: only transformers models have a capturable decode "
-                             f"step; {type(model).__name__} uses {type(self.adapter).__name__}")
+            raise ValueError(f"compile_decode={compile_decode!r}: {type(model).__name__}'s adapter "
+                             f"{type(self.adapter).__name__} has no capturable decode step")
         if not isinstance(compile_decode, (bool, dict)):
             raise ValueError(f"compile_decode={compile_decode!r} must be a bool or a dict of torch.compile arguments")
         if static_len_multiple < 1:
@@ -254,7 +255,7 @@ class PopulationEngine:
             if live:
                 with self._members_ctx(slot["member"]):
                     if static and self.population is not None:
-                        self.population.gather_rows(adapter.dtype)  # the hooks only read them
+                        self.population.gather_rows(next(self.model.parameters()).dtype)  # hooks only read them
                     logits = adapter.decode(state, tok, step=step)  # (S, V)
             if finished:
                 adapter.release(state, finished)
