@@ -332,12 +332,15 @@ def test_compile_decode_arguments_are_checked(tok):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["llama", "rwkv7"])
-def test_inductor_compiled_decode_step_equals_eager(tok, kind):
-    """The default CPU path of ``compile_decode=True``: inductor-generated C++ (30-50 s to compile here)."""
+@pytest.mark.parametrize("kind,option", [("llama", True), ("rwkv7", True), ("llama", {"mode": "reduce-overhead"})],
+                         ids=["llama", "rwkv7", "llama-reduce-overhead"])
+def test_inductor_compiled_decode_step_equals_eager(tok, kind, option):
+    """The default CPU path of ``compile_decode=True``: inductor-generated C++ (30-50 s to compile
+    here); and the CUDA-graph mode's call path (``cudagraph_mark_step_begin`` before each step), which
+    on CPU compiles with inductor and records no graph."""
     model, pop, prompts, members = _model_case(tok, kind)
     ref = _engine(model, pop, max_sequences_in_flight=4).generate(prompts, members, max_new_tokens=10, sampling=GREEDY)
     torch._dynamo.reset()
-    engine = _engine(model, pop, max_sequences_in_flight=4, compile_decode=True)
+    engine = _engine(model, pop, max_sequences_in_flight=4, compile_decode=option)
     for _ in range(2):
         assert engine.generate(prompts, members, max_new_tokens=10, sampling=GREEDY).completion_ids == ref.completion_ids

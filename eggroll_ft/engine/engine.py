@@ -184,7 +184,16 @@ class PopulationEngine:
             opts = dict(self.compile_decode) if isinstance(self.compile_decode, dict) else \
                 {"mode": "reduce-overhead"} if self.device.type == "cuda" else {}
             opts.setdefault("dynamic", False)
-            self._compiled_step = torch.compile(self.adapter.decode_step, **opts)
+            compiled = torch.compile(self.adapter.decode_step, **opts)
+            if opts.get("mode") in ("reduce-overhead", "max-autotune"):  # CUDA graphs
+                def compiled_step(*args, _compiled=compiled):
+                    # each decode step is a new iteration: the previous step's outputs (logits) are
+                    # consumed by then and may be overwritten by this replay
+                    torch.compiler.cudagraph_mark_step_begin()
+                    return _compiled(*args)
+                self._compiled_step = compiled_step
+            else:
+                self._compiled_step = compiled
         return self._compiled_step
 
     def _run(self, prompts, jobs, max_new_tokens, S, max_len) -> GenerationOutput:
