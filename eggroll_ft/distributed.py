@@ -61,6 +61,11 @@ def check_replicas_equal(value: float, world_size: int, what: str = "weights che
         raise RuntimeError(f"{what} differs across processes: {values}")
 
 
+def _alone_under_accelerate_cpu(env) -> bool:
+    """Launched by ``accelerate launch --cpu`` and told it is the only process."""
+    return env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1") and int(env.get("WORLD_SIZE", "1")) <= 1
+
+
 def requested_cpu_processes(env: dict, launcher_argv: list[str]) -> int | None:
     """How many processes ``accelerate launch --cpu --num_processes N`` asked for, when it started one.
 
@@ -71,7 +76,7 @@ def requested_cpu_processes(env: dict, launcher_argv: list[str]) -> int | None:
     2
     >>> requested_cpu_processes({"ACCELERATE_USE_CPU": "True", "WORLD_SIZE": "2"}, ["accelerate", "--num_processes=2"])
     """
-    if env.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1") or int(env.get("WORLD_SIZE", "1")) > 1:
+    if not _alone_under_accelerate_cpu(env):
         return None
     for i, arg in enumerate(launcher_argv):
         for flag in ("--num_processes", "--num-processes"):
@@ -90,7 +95,7 @@ def warn_if_cpu_multiprocess_ignored() -> bool:
     when the case was detected.
     """
     env = dict(os.environ)
-    if env.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1") or int(env.get("WORLD_SIZE", "1")) > 1:
+    if not _alone_under_accelerate_cpu(env):
         return False
     try:
         with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:

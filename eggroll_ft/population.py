@@ -226,7 +226,7 @@ class Population:
         scale = self.noise.sign(safe).to(A.device) * (members >= 0).to(torch.float32)
         scale = scale * (self.sigma / math.sqrt(self.noise.rank))  # (P,)
         P = idx.numel()
-        G = (int((idx == idx[0]).int().argmin()) or P if P else 1) if self._grouped else 1  # first run's length
+        G = int((idx == idx[0]).int().argmin()) or P if P and self._grouped else 1  # length of the first run
         if G > 1 and (P % G or not bool((idx.view(-1, G) == idx.view(-1, G)[:, :1]).all())):
             G = 1
         u = idx.view(-1, G)[:, 0]  # (U,)

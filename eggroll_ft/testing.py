@@ -10,6 +10,7 @@ import string
 
 import torch
 
+
 def free_port() -> int:
     """A free local TCP port for a launch's rendezvous: torchrun's default 29500, or any fixed port,
     may still be held by the previous launch's socket (seen as a failed launch in a full test run)."""

@@ -151,14 +151,15 @@ def throughput(args):
     if times["naive"]:
         tps["naive"] = k * new / statistics.median(times["naive"])
     pair = [p / o for o, p in zip(times["ours"], times["plain"])]
+    compiled_ratios = {}
     if compiled:
         tps.update({n: tokens / med[n] for n in compiled})
-        compiled = {"compiled_population_over_plain": tps["ours_compiled"] / tps["plain_compiled"],
+        compiled_ratios = {"compiled_population_over_plain": tps["ours_compiled"] / tps["plain_compiled"],
                     "compiled_population_with_noise_over_plain": tokens / (med["ours_compiled"] + med["noise"])
                     / tps["plain_compiled"],
                     "compiled_over_eager_population": tps["ours_compiled"] / tps["ours"],
                     "compiled_over_eager_plain": tps["plain_compiled"] / tps["plain"]}
-    return {**compiled,"tokens_per_s": tps, "noise_seconds_per_step": med["noise"],
+    return {**compiled_ratios, "tokens_per_s": tps, "noise_seconds_per_step": med["noise"],
             "population_over_plain": tps["ours"] / tps["plain"],
             "population_over_plain_pairwise_median": statistics.median(pair),
             "population_with_noise_over_plain": tps["ours_with_noise"] / tps["plain"],

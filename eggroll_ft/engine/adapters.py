@@ -149,8 +149,6 @@ class HFCausalLMAdapter:
         head_dim = getattr(cfg, "head_dim", None) or hidden // heads
         return 2 * self.num_layers * kv_heads * head_dim * max_len * self.dtype.itemsize
 
-    supports_static = True  # decode_step can be compiled / captured (static slot cache)
-
     def allocate(self, num_slots: int, max_len: int, device, static: bool = False) -> SlotKVCache:
         return SlotKVCache(self.num_layers, num_slots, max_len, device, static=static)
 
@@ -249,8 +247,6 @@ def _state_tensors(state) -> list[torch.Tensor]:
 
 
 class RecurrentAdapter:
-    supports_static = True  # decode_step writes the new state into the slots' buffers in place
-
     def __init__(self, model):
         self.model = model
         self._keep_kw = "logits_to_keep" in _forward_params(model)
@@ -262,10 +258,7 @@ class RecurrentAdapter:
             return self.model.init_state(n)
 
     def slot_bytes(self, max_len: int) -> int:
-        state = self._init_state(1, "cpu")
-        tensors = [getattr(state, k) for k in vars(state)] if hasattr(state, "__dict__") and not torch.is_tensor(state) else state
-        tensors = [tensors] if torch.is_tensor(tensors) else list(tensors)
-        return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+        return sum(t.numel() * t.element_size() for t in _state_tensors(self._init_state(1, "cpu")))
 
     def allocate(self, num_slots: int, max_len: int, device, static: bool = False):
         state = self._init_state(num_slots, device)

@@ -96,9 +96,6 @@ class PopulationEngine:
         # a new stop string ends inside the last few tokens: a token decodes to >= 1 byte, a char to <= 4 bytes
         self._stop_window = 4 * max((len(s) for s in self.stop_strings), default=0) + 4
         self.last_num_slots = 0  # slot count of the last generate call (for logs and benchmarks)
-        if compile_decode and not getattr(self.adapter, "supports_static", False):
-            raise ValueError(f"compile_decode={compile_decode!r}: {type(model).__name__}'s adapter "
-                             f"{type(self.adapter).__name__} has no capturable decode step")
         if not isinstance(compile_decode, (bool, dict)):
             raise ValueError(f"compile_decode={compile_decode!r} must be a bool or a dict of torch.compile arguments")
         if static_len_multiple < 1:
@@ -204,6 +201,7 @@ class PopulationEngine:
         static = bool(self.compile_decode)
         state = adapter.allocate(S, max_len, device, static=static)
         step = self._step_fn()
+        factor_dtype = next(self.model.parameters()).dtype  # the hooks' activations (static: gathered before each step)
         slot_job = [-1] * S  # job of each slot, -1 when free
         slot = {k: v[:1].expand(S).clone() for k, v in jobs.items()}  # per-slot copies of the job fields
         slot["member"].fill_(-1)
@@ -264,7 +262,7 @@ class PopulationEngine:
             if live:
                 with self._members_ctx(slot["member"]):
                     if static and self.population is not None:
-                        self.population.gather_rows(next(self.model.parameters()).dtype)  # hooks only read them
+                        self.population.gather_rows(factor_dtype)  # the captured hooks only read them
                     logits = adapter.decode(state, tok, step=step)  # (S, V)
             if finished:
                 adapter.release(state, finished)
