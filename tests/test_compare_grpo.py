@@ -181,3 +181,19 @@ def test_bad_arguments_name_the_field():
     with pytest.raises(ValueError, match="reward_weights="):
         compare_grpo.CompareArguments(reward_weights=[1.0])
 
+
+
+def test_es_log_stats_reads_the_trainer_log(tmp_path):
+    from scripts import es_log_stats
+
+    log = tmp_path / "log.txt"
+    log.write_text("{'reward': '0.3', 'frac_reward_zero_std': '0.875', 'es/update_norm': '1.2e+04'}\n"
+                   "[budget] {'method': 'eggroll'}\n"
+                   "{'reward': '0.3', 'frac_reward_zero_std': '1', 'es/update_norm': '0'}\n"
+                   "{'reward': '0.4', 'frac_reward_zero_std': '0.75', 'es/update_norm': '8000'}\n")
+    out = es_log_stats.main([str(log)])
+    assert out["steps"] == 3 and out["frac_reward_zero_std_mean"] == pytest.approx(0.875)
+    assert out["update_norm_median"] == 8000
+    (tmp_path / "empty.txt").write_text("{'loss': '0'}\n")
+    with pytest.raises(SystemExit, match="no frac_reward_zero_std"):
+        es_log_stats.main([str(tmp_path / "empty.txt")])
