@@ -2,10 +2,11 @@
 
 Nothing here reaches a hub: a character-level tokenizer (``tokenizers`` WordLevel over single
 characters, wrapped in ``PreTrainedTokenizerFast``) and small random Llama / GPT-2 models; and
-``free_port`` for multi-process launches.
+``free_port`` for multi-process launches; ``device_under_test`` for tests that also run on a GPU.
 """
 from __future__ import annotations
 
+import os
 import string
 
 import torch
@@ -19,6 +20,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def device_under_test() -> torch.device:
+    """The device that device-aware tests build their models on: ``EGGROLL_TEST_DEVICE`` (default
+    ``cpu``), so the same tests check the CUDA path where a GPU is lent
+    (``EGGROLL_TEST_DEVICE=cuda python -m pytest tests/test_engine.py``)."""
+    device = torch.device(os.environ.get("EGGROLL_TEST_DEVICE", "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"EGGROLL_TEST_DEVICE={device} but torch.cuda.is_available() is False")
+    return device
+
+
+def cuda_graph_counts(device) -> dict[str, int]:
+    """CUDA graphs that ``torch.compile(mode="reduce-overhead")`` recorded on ``device`` since the
+    last ``torch._dynamo.reset()`` (root graphs of inductor's CUDA-graph trees), and the graphs it
+    skipped (ran without capture: a dynamic shape, an input mutation it cannot replay, a CPU op).
+    Reads inductor internals; for tests and benchmarks only."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_trees
+
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    manager = cudagraph_trees.get_manager(index, create_if_none_exists=False)
+    recorded = 0 if manager is None else sum(len(nodes) for nodes in manager.roots.values())
+    return {"recorded": recorded, "skipped": int(counters["inductor"]["cudagraph_skips"])}
 
 
 CHARS = string.ascii_letters + string.digits + " .,:;!?+-*/=()[]<>#$%'\"\n"

@@ -47,8 +47,9 @@ def build(args):
                       num_hidden_layers=args.layers, num_attention_heads=args.heads,
                       num_key_value_heads=args.kv_heads, max_position_embeddings=4096,
                       tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    dtype = getattr(torch, args.dtype)
-    model = LlamaForCausalLM(cfg).to(device=args.device, dtype=dtype).eval()
+    with torch.device(args.device):  # initialised where it runs: a 0.5B model's CPU init takes minutes
+        model = LlamaForCausalLM(cfg)
+    model = model.to(getattr(torch, args.dtype)).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     pop = Population(model, NoiseConfig(seed=0, rank=1), args.population, sigma=1e-3)
@@ -128,6 +129,12 @@ def throughput(args):
             fn()  # compiles (same slot count and length as the timed runs)
             compiled[name] = fn
             print(f"{name}: first call (compilation) {time.perf_counter() - t0:.1f}s", flush=True)
+        # same completions? (float32: expected all; bf16: near-tied logits may flip under other kernels)
+        eager_ids = ours.generate(prompts, members, max_new_tokens=new, sampling=greedy).completion_ids
+        compiled_ids = ours_c.generate(prompts, members, max_new_tokens=new, sampling=greedy).completion_ids
+        agreement = {"jobs_equal": sum(a == b for a, b in zip(eager_ids, compiled_ids)) / N,
+                     "first_token_equal": sum(a[0] == b[0] for a, b in zip(eager_ids, compiled_ids)) / N}
+        print(f"compiled vs eager completions: {agreement}", flush=True)
 
     # warm-up (allocator, lazy init), then interleaved repetitions
     ours.generate(prompts[:4], members[:4], max_new_tokens=2, sampling=greedy)
@@ -155,10 +162,14 @@ def throughput(args):
     if compiled:
         tps.update({n: tokens / med[n] for n in compiled})
         compiled_ratios = {"compiled_population_over_plain": tps["ours_compiled"] / tps["plain_compiled"],
-                    "compiled_population_with_noise_over_plain": tokens / (med["ours_compiled"] + med["noise"])
-                    / tps["plain_compiled"],
-                    "compiled_over_eager_population": tps["ours_compiled"] / tps["ours"],
-                    "compiled_over_eager_plain": tps["plain_compiled"] / tps["plain"]}
+                           "compiled_population_with_noise_over_plain": tokens / (med["ours_compiled"] + med["noise"])
+                           / tps["plain_compiled"],
+                           "compiled_over_eager_population": tps["ours_compiled"] / tps["ours"],
+                           "compiled_over_eager_plain": tps["plain_compiled"] / tps["plain"],
+                           "compiled_vs_eager_completions": agreement}
+        if str(args.device).startswith("cuda"):
+            from eggroll_ft.testing import cuda_graph_counts
+            compiled_ratios["cuda_graphs"] = cuda_graph_counts(args.device)  # recorded, skipped
     return {**compiled_ratios, "tokens_per_s": tps, "noise_seconds_per_step": med["noise"],
             "population_over_plain": tps["ours"] / tps["plain"],
             "population_over_plain_pairwise_median": statistics.median(pair),

@@ -1,21 +1,40 @@
 #!/usr/bin/env bash
-# Issue 4's GPU figures in one device call (docs/benchmarks.md, "Generation engine"): the engine on a
-# random ~0.5B Llama (Qwen2.5-0.5B's shape, config built in code) in bf16, 1,024 sequences in flight,
-# eager and with the decode step captured (compile_decode: CUDA graphs), each ratio against a
-# baseline timed in the same run. Results go to $OUT (the device tool) or ./gpu_check.
+# Issue 4's GPU figures in one device call (docs/benchmarks.md, "Generation engine"), in three timed
+# parts, each writing its own file to $OUT (the device tool) or ./gpu_check, so a part that runs out
+# of time or fails leaves the others' results:
+#   1. bench_eager.txt: the engine on a random ~0.5B Llama (Qwen2.5-0.5B's shape, config built in
+#      code) in bf16, 1,024 sequences in flight: every ratio of bench_engine.py against a baseline
+#      timed in the same run (plain generation, naive ES, HF generate, train-step memory);
+#   2. tests_cuda.txt: the engine tests on CUDA (EGGROLL_TEST_DEVICE=cuda), with the CUDA-graph test
+#      (compile_decode=True records the decode step as a CUDA graph, replays give eager's completions);
+#   3. bench_compiled.txt: the same engines with the decode step captured (CUDA graphs), compiled /
+#      eager and population / plain, graphs recorded and skipped, compiled-vs-eager agreement.
+# The parts' time limits (seconds) add up to 570, inside one 600 s device call.
 #
 #   bash scripts/gpu_engine_check.sh                                  # on the GPU machine
 #   DEVICE=cpu DTYPE=float32 SIZE="--hidden 64 --layers 2 --intermediate 128 --heads 4 --kv-heads 2 --vocab 512" \
 #     POP=16 NEW=8 bash scripts/gpu_engine_check.sh                  # dry run of the same script on CPU
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT_DIR="${OUT:-gpu_check}"
 mkdir -p "$OUT_DIR"
 DEVICE="${DEVICE:-cuda}" DTYPE="${DTYPE:-bfloat16}" POP="${POP:-1024}" NEW="${NEW:-128}"
 SIZE="${SIZE:---hidden 896 --layers 24 --intermediate 4864 --heads 14 --kv-heads 2 --vocab 151936}"
+T_EAGER="${T_EAGER:-200}" T_TESTS="${T_TESTS:-150}" T_COMPILED="${T_COMPILED:-220}"
+
+part() {  # part NAME SECONDS COMMAND...: run with a time limit, output to $OUT_DIR/NAME.txt
+  local name=$1 limit=$2 t0=$SECONDS
+  shift 2
+  echo "== $name (limit ${limit}s): $*" | tee "$OUT_DIR/$name.txt"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$OUT_DIR/$name.txt"
+  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$OUT_DIR/$name.txt"
+}
+
 { python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-  [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total --format=csv || true; } | tee "$OUT_DIR/env.txt"
+  [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total --format=csv || true; } 2>&1 | tee "$OUT_DIR/env.txt"
 # shellcheck disable=SC2086
-python scripts/bench_engine.py --device "$DEVICE" --dtype "$DTYPE" $SIZE --population "$POP" --new-tokens "$NEW" \
-  --reps 3 --naive-members 4 --naive-reps 1 --compile 2>&1 | tee "$OUT_DIR/bench_engine.txt"
+BENCH=(python scripts/bench_engine.py --device "$DEVICE" --dtype "$DTYPE" $SIZE --population "$POP" --new-tokens "$NEW" --reps 3)
+part bench_eager "$T_EAGER" "${BENCH[@]}" --naive-members 4 --naive-reps 1
+EGGROLL_TEST_DEVICE="$DEVICE" part tests_cuda "$T_TESTS" python -m pytest -q -p no:cacheprovider tests/test_engine.py -rs
+part bench_compiled "$T_COMPILED" "${BENCH[@]}" --compile --naive-members 0 --skip-hf --skip-memory

@@ -1,5 +1,8 @@
 """Population engine: exactness against HF generate and dense members, continuous batching,
-seeded sampling, EOS / stop strings, recurrent models, memory budget."""
+seeded sampling, EOS / stop strings, recurrent models, memory budget, the captured decode step.
+
+Models live on ``EGGROLL_TEST_DEVICE`` (default ``cpu``): with ``EGGROLL_TEST_DEVICE=cuda`` the same
+tests check the CUDA path, and the CUDA-graph test runs (``scripts/gpu_engine_check.sh`` does this)."""
 from contextlib import nullcontext
 
 import pytest
@@ -8,11 +11,12 @@ from torch import nn
 
 from eggroll_ft import NoiseConfig, Population
 from eggroll_ft.engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, PopulationEngine, SamplingParams
-from eggroll_ft.testing import char_tokenizer, tiny_gpt2, tiny_llama
+from eggroll_ft.testing import char_tokenizer, cuda_graph_counts, device_under_test, tiny_gpt2, tiny_llama
 
 TEXTS = ["hello", "ab", "the cat sat", "x", "zz top", "q", "lorem ipsum", "12+3=", "ok", "a b c d e"]
 GREEDY = SamplingParams(greedy=True)
 SAMPLE = SamplingParams(temperature=1.3, top_k=20, top_p=0.95)
+DEVICE = device_under_test()
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -24,7 +28,7 @@ def tok():
 
 
 def _setup(tok, make=tiny_llama, rank=1, N=8):
-    model = make(len(tok), init_std=0.25)
+    model = make(len(tok), init_std=0.25).to(DEVICE)
     pop = Population(model, NoiseConfig(seed=0, rank=rank), N, sigma=0.1)
     pop.set_step(3)
     prompts = [tok(t)["input_ids"] for t in TEXTS]
@@ -41,7 +45,7 @@ def test_greedy_equals_hf_generate_row_by_row(tok, make, rank):
     model, pop, prompts, members = _setup(tok, make, rank)
     out = _engine(model, pop, max_sequences_in_flight=4).generate(prompts, members, max_new_tokens=10,
                                                                   sampling=GREEDY)
-    batch = tok.pad({"input_ids": prompts}, return_tensors="pt")
+    batch = tok.pad({"input_ids": prompts}, return_tensors="pt").to(DEVICE)
     with torch.no_grad(), pop.members(members):
         ref = model.generate(**batch, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
     ref = ref[:, batch["input_ids"].shape[1]:].tolist()
@@ -144,10 +148,10 @@ def test_memory_budget_sets_slot_count_and_errors(tok):
 
 
 def test_population_row_cache_follows_in_place_member_changes():
-    model = tiny_llama(40, init_std=0.25)
+    model = tiny_llama(40, init_std=0.25).to(DEVICE)
     pop = Population(model, NoiseConfig(seed=0, rank=2), 6, sigma=0.2)
-    ids = torch.randint(4, 40, (3, 5), generator=torch.Generator().manual_seed(0))
-    slots = torch.tensor([0, 1, 2])
+    ids = torch.randint(4, 40, (3, 5), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    slots = torch.tensor([0, 1, 2], device=DEVICE)
     with torch.no_grad():
         with pop.members(slots):
             first = model(ids).logits
@@ -170,11 +174,11 @@ def test_population_row_cache_follows_in_place_member_changes():
 def test_grouped_and_per_row_factors_equal_dense_members(members, group):
     """Rows sharing a noise index in runs (antithetic pairs, member-major jobs) read shared factors;
     prompt (T > 1) and decode (T = 1) paths both equal the dense W + sigma E_i of each row."""
-    model = tiny_llama(40, init_std=0.25)
+    model = tiny_llama(40, init_std=0.25).to(DEVICE)
     pop = Population(model, NoiseConfig(seed=4, rank=2), 8, sigma=0.2)
     B = members.numel()
     for T in (5, 1):
-        ids = torch.randint(4, 40, (B, T), generator=torch.Generator().manual_seed(T))
+        ids = torch.randint(4, 40, (B, T), generator=torch.Generator().manual_seed(T)).to(DEVICE)
         with torch.no_grad(), pop.members(members):
             batched = model(ids).logits
         for b, m in enumerate(members.tolist()):
@@ -220,7 +224,7 @@ class TinyRecurrentLM(nn.Module):
 
 
 def test_recurrent_model_matches_member_by_member_reference(tok):
-    model = TinyRecurrentLM(len(tok))
+    model = TinyRecurrentLM(len(tok)).to(DEVICE)
     pop = Population(model, NoiseConfig(seed=2, rank=1), 8, sigma=0.3)
     prompts = [tok(t)["input_ids"] for t in TEXTS]
     members = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, -1, 2])
@@ -229,11 +233,11 @@ def test_recurrent_model_matches_member_by_member_reference(tok):
     assert out.completion_ids == ref.completion_ids
     for j, m in enumerate(members.tolist()):  # a plain loop: dense W + sigma E_m, one row, no padding
         with torch.no_grad(), pop.materialized(m) if m >= 0 else nullcontext():
-            logits, h = model(torch.tensor([prompts[j]]))
+            logits, h = model(torch.tensor([prompts[j]], device=DEVICE))
             row = []
             for _ in range(8):
                 row.append(int(logits[0, -1].argmax()))
-                logits, h = model(torch.tensor([[row[-1]]]), h)
+                logits, h = model(torch.tensor([[row[-1]]], device=DEVICE), h)
         assert out.completion_ids[j] == row, j
     s1 = _engine(model, pop).generate(prompts, members, torch.arange(10), max_new_tokens=8, sampling=SAMPLE)
     s2 = _engine(model, pop, max_sequences_in_flight=4).generate(prompts, members, torch.arange(10),
@@ -244,7 +248,7 @@ def test_recurrent_model_matches_member_by_member_reference(tok):
 def test_rwkv7_slots_match_one_batch_and_model_greedy():
     rwkv7 = pytest.importorskip("eggroll_ft.models.rwkv7")
     torch.manual_seed(0)
-    model = rwkv7.RWKV7ForCausalLM(rwkv7.RWKV7Config.from_size(64, 2, vocab_size=97, head_size=16)).eval()
+    model = rwkv7.RWKV7ForCausalLM(rwkv7.RWKV7Config.from_size(64, 2, vocab_size=97, head_size=16)).eval().to(DEVICE)
     pop = Population(model, NoiseConfig(seed=0, rank=1), 4, sigma=0.1)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (3, 5, 2, 4, 6, 1)]
@@ -252,7 +256,7 @@ def test_rwkv7_slots_match_one_batch_and_model_greedy():
     ref = _engine(model, pop).generate(prompts, members, max_new_tokens=6, sampling=GREEDY)
     out = _engine(model, pop, max_sequences_in_flight=2).generate(prompts, members, max_new_tokens=6, sampling=GREEDY)
     assert out.completion_ids == ref.completion_ids
-    plain = model.greedy(torch.tensor([prompts[4]]), 6)[0].tolist()  # member -1 = the plain model
+    plain = model.greedy(torch.tensor([prompts[4]], device=DEVICE), 6)[0].tolist()  # member -1 = the plain model
     assert out.completion_ids[4] == plain
 
 
@@ -266,6 +270,7 @@ def _model_case(tok, kind):
         model = rwkv7.RWKV7ForCausalLM(rwkv7.RWKV7Config.from_size(64, 2, vocab_size=len(tok), head_size=16)).eval()
     else:
         model = TinyRecurrentLM(len(tok))
+    model = model.to(DEVICE)
     pop = Population(model, NoiseConfig(seed=0, rank=1), 8, sigma=0.1)
     return model, pop, [tok(t)["input_ids"] for t in TEXTS], torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, -1, 2])
 
@@ -303,24 +308,50 @@ def test_generation_leaves_no_tensors_in_reference_cycles(tok, kind):
     assert _cyclic_garbage_tensors(run) == []
 
 
-@pytest.mark.parametrize("kind", ["llama", "recurrent", "rwkv7"])
-@pytest.mark.parametrize("sampling", [GREEDY, SAMPLE], ids=["greedy", "sampled"])
-def test_compiled_decode_step_equals_eager(tok, kind, sampling):
-    """``compile_decode``: the whole decode step traces as one graph (``fullgraph=True``: no graph
-    break in the model, the population hooks, the slot cache or the in-place state update) and
-    gives the eager completions, with continuous batching and repeated calls reusing the compiled
-    step. The ``eager`` backend checks the capture itself quickly; inductor runs in the slow test."""
+def _check_compiled_equals_eager(tok, kind, compile_decode):
+    """20 jobs through 4 slots, EOS tokens that end some rows early (slots refilled mid-flight):
+    the engine with ``compile_decode`` gives the eager engine's completions and finish reasons in
+    a greedy call, a sampled call and a sampled call at a new ES step (new noise), all reusing the
+    one compiled step."""
     model, pop, prompts, members = _model_case(tok, kind)
+    prompts, members = prompts * 2, members.repeat(2)
     seeds = torch.arange(len(prompts))
-    ref = _engine(model, pop, max_sequences_in_flight=4).generate(prompts, members, seeds, max_new_tokens=10,
-                                                                  sampling=sampling)
+    full = _engine(model, pop).generate(prompts, members, max_new_tokens=10, sampling=GREEDY).completion_ids
+    eos = [full[0][3], full[1][2]]
+    eager = _engine(model, pop, eos=eos, max_sequences_in_flight=4)
     torch._dynamo.reset()
-    engine = _engine(model, pop, max_sequences_in_flight=4, compile_decode={"backend": "eager", "fullgraph": True})
-    for _ in range(2):
-        out = engine.generate(prompts, members, seeds, max_new_tokens=10, sampling=sampling)
-        assert out.completion_ids == ref.completion_ids
+    compiled = _engine(model, pop, eos=eos, max_sequences_in_flight=4, compile_decode=compile_decode)
+    reasons = set()
+    for step, sampling in [(0, GREEDY), (0, SAMPLE), (1, SAMPLE)]:
+        pop.set_step(step)
+        ref = eager.generate(prompts, members, seeds, max_new_tokens=10, sampling=sampling)
+        out = compiled.generate(prompts, members, seeds, max_new_tokens=10, sampling=sampling)
+        assert out.completion_ids == ref.completion_ids, (step, sampling)
         assert out.finish_reasons == ref.finish_reasons
-    assert engine._compiled_step is not None
+        reasons |= set(ref.finish_reasons)
+    assert reasons == {FINISH_EOS, FINISH_LENGTH}
+    assert compiled._compiled_step is not None
+
+
+@pytest.mark.parametrize("kind", ["llama", "recurrent", "rwkv7"])
+def test_compiled_decode_step_equals_eager(tok, kind):
+    """``compile_decode``: the whole decode step traces as one graph (``fullgraph=True``: no graph
+    break in the model, the population hooks, the slot cache or the in-place state update). The
+    ``eager`` backend checks the capture itself quickly; inductor runs in the slow test."""
+    _check_compiled_equals_eager(tok, kind, {"backend": "eager", "fullgraph": True})
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs: run with EGGROLL_TEST_DEVICE=cuda on a GPU")
+@pytest.mark.parametrize("kind", ["llama", "recurrent", "rwkv7"])
+def test_cuda_graph_decode_step_equals_eager(tok, kind):
+    """``compile_decode=True`` on CUDA (inductor, ``mode="reduce-overhead"``): the decode step is
+    recorded as a CUDA graph, none is skipped, and its replays give the eager completions."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    _check_compiled_equals_eager(tok, kind, True)
+    graphs = cuda_graph_counts(DEVICE)
+    assert graphs["skipped"] == 0 and graphs["recorded"] >= 1, graphs
 
 
 def test_compile_decode_arguments_are_checked(tok):
