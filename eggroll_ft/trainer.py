@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections import defaultdict
 
 import torch
@@ -143,6 +144,7 @@ class EggrollTrainer(Trainer):
                          optimizers=optimizers)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._last_table = None
+        self._warned_no_signal = False
         # ES exchanges fitness, never gradients: prepare the model as for evaluation, so accelerate
         # places it but never wraps it in DistributedDataParallel (no gradient hooks, no broadcasts).
         prepare_model = self.accelerator.prepare_model
@@ -204,7 +206,25 @@ class EggrollTrainer(Trainer):
         fitness = self._shape_fitness(batch["rewards"])  # (N,)
         update_norm = self._es_update(fitness)
         self._record_metrics(batch, fitness, update_norm, time.perf_counter() - t0)
+        if self._metrics["train"]["frac_reward_zero_std"][-1] == 1.0:
+            self._warn_no_signal(step, num_prompts=batch["rewards"].shape[0])
         return torch.tensor(0.0, device=self.args.device)
+
+    def _warn_no_signal(self, step: int, num_prompts: int) -> None:
+        """Once per run: a step where no prompt's rewards differed between members. Its fitness then
+        carries no information (under ``group_norm``, ``zscore`` and ``centered_rank`` it is zero, and
+        so is the update), which neither the reward curve nor a loss would show."""
+        if self._warned_no_signal or not self.is_world_process_zero():
+            return
+        self._warned_no_signal = True
+        a = self.args
+        decoding = "greedy decoding" if a.greedy else f"temperature={a.temperature}"
+        warnings.warn(f"step {step}: all {a.population_size} members got the same reward on each of the {num_prompts} "
+                      "prompts (frac_reward_zero_std=1.0): this ES step has no signal to follow. With "
+                      f"sigma={self.population.sigma:g} and {decoding}, the members may write identical completions: "
+                      "raise sigma, sample (greedy=False, temperature > 0), use more prompts per step, or prompts "
+                      "the model sometimes solves. Warned once per run; the logged metric frac_reward_zero_std "
+                      "tracks it.", RuntimeWarning, stacklevel=2)
 
     def _job_seeds(self, members: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
         """Sampling seed of each (member, prompt) job. Antithetic partners share it (common random

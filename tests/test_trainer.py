@@ -2,6 +2,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,29 @@ def test_conversational_prompts_and_log_completions(tmp_path):
 
     df = pd.read_parquet(table)
     assert len(df) == 4 * 2 and {"member", "prompt", "completion", "chat_reward", "reward"} <= set(df.columns)
+
+
+def test_a_step_without_signal_is_warned_once(tmp_path):
+    """Every member gets the same reward on every prompt: the fitness is zero, the weights stay, and
+    the trainer says so once, naming the metric and what to change; a run with signal is not warned."""
+    def constant_reward(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    tr = _trainer(tmp_path, reward=constant_reward, max_steps=3)
+    before = {n: p.weight.clone() for n, p in tr.population.params.items()}
+    with pytest.warns(RuntimeWarning, match="step 0: all 4 members got the same reward on each of the 2 prompts") as rec:
+        tr.train()
+    assert sum("no signal to follow" in str(w.message) for w in rec) == 1
+    assert "sigma=0.2 and temperature=1.0" in str(rec[0].message)
+    assert all(torch.equal(before[n], p.weight) for n, p in tr.population.params.items())
+    assert [h["frac_reward_zero_std"] for h in tr.state.log_history if "frac_reward_zero_std" in h] == [1.0] * 3
+
+    tr = _trainer(tmp_path, max_steps=2)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        tr.train()
+    assert not any("no signal to follow" in str(w.message) for w in rec)
+    assert all(h["frac_reward_zero_std"] < 1 for h in tr.state.log_history if "frac_reward_zero_std" in h)
 
 
 def test_hf_backend_and_adam(tmp_path):
