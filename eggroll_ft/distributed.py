@@ -13,6 +13,7 @@ every job sees the same batch shapes and the same numbers.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import warnings
 
@@ -127,3 +128,30 @@ def stack_rows(rows: list[torch.Tensor], order: list[int], total: int, width: in
     for idx, row in zip(order, rows):
         out[idx] = row
     return out
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+_exit_handler_registered = False
+
+
+def destroy_process_group_at_exit() -> bool:
+    """Destroy torch.distributed's process groups when the interpreter exits, while it is still whole.
+
+    A process that exits with a gloo group alive can abort after its work is done (SIGABRT,
+    "terminate called without an active exception"): gloo's worker threads release tensors during
+    interpreter finalization (pytorch/pytorch#179291). PyTorch's docs ask scripts to call
+    ``destroy_process_group()`` at the end; TRL-style scripts do not. Registered once (returns True
+    then); a no-op at exit when the group is already gone.
+    """
+    global _exit_handler_registered
+    if _exit_handler_registered:
+        return False
+    atexit.register(_destroy_process_group)
+    _exit_handler_registered = True
+    return True

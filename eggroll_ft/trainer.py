@@ -33,8 +33,8 @@ from transformers import Trainer
 from transformers.trainer_utils import set_seed
 
 from .config import EggrollConfig
-from .distributed import (check_replicas_equal, default_chunk_size, gather_objects, local_chunks, raise_first_error,
-                          stack_rows, warn_if_cpu_multiprocess_ignored)
+from .distributed import (check_replicas_equal, default_chunk_size, destroy_process_group_at_exit, gather_objects,
+                          local_chunks, raise_first_error, stack_rows, warn_if_cpu_multiprocess_ignored)
 from .engine import PopulationEngine, SamplingParams
 from .es_update import apply_es_update, is_plain_sgd
 from .models.loading import load_causal_lm, load_tokenizer
@@ -145,6 +145,8 @@ class EggrollTrainer(Trainer):
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._last_table = None
         self._warned_no_signal = False
+        if self.accelerator.num_processes > 1:
+            destroy_process_group_at_exit()  # else gloo may abort the finished process at exit
         # ES exchanges fitness, never gradients: prepare the model as for evaluation, so accelerate
         # places it but never wraps it in DistributedDataParallel (no gradient hooks, no broadcasts).
         prepare_model = self.accelerator.prepare_model
