@@ -47,7 +47,7 @@ def build(args):
                       num_hidden_layers=args.layers, num_attention_heads=args.heads,
                       num_key_value_heads=args.kv_heads, max_position_embeddings=4096,
                       tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    with torch.device(args.device):  # initialised where it runs (CPU init of the 630M GPU-size model: ~9 s)
+    with torch.device(args.device):  # initialised where it runs, not on the CPU first
         model = LlamaForCausalLM(cfg)
     model = model.to(getattr(torch, args.dtype)).eval()
     for p in model.parameters():
