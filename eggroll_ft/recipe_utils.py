@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 
-TINY_RANDOM_LLAMA = "tiny-random-llama"
+# named models (built into the cache on first use) live with the model loaders; re-exported for recipes
+from .models.named import (TINY_RANDOM_LLAMA, build_dir_atomically, build_tiny_random_llama,  # noqa: F401
+                           cache_dir, resolve_model_name)
 
 
 @dataclass
@@ -43,60 +43,6 @@ class RecipeArguments:
             raise ValueError(f"num_train={self.num_train!r} must be None or an int >= 1")
         if not self.reward_funcs:
             raise ValueError(f"reward_funcs={self.reward_funcs!r} must name at least one reward function")
-
-
-def cache_dir() -> str:
-    """``$EGGROLL_CACHE``, else ``~/.cache/eggroll_ft`` (where tiny models are built on first use)."""
-    return os.environ.get("EGGROLL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "eggroll_ft")
-
-
-def build_dir_atomically(path: str, build) -> str:
-    """Run ``build(tmp_dir)`` in a temporary sibling of ``path`` and rename it into place.
-
-    Returns ``path``; does nothing when ``path`` already holds a ``config.json``. A concurrent or
-    interrupted build never leaves half a checkpoint: the directory appears complete or not at all.
-    """
-    path = os.path.abspath(path)
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.building-", dir=os.path.dirname(path))
-    try:
-        build(tmp)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if not os.path.isfile(os.path.join(path, "config.json")):  # not a concurrent build's win
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def build_tiny_random_llama(path: str) -> str:
-    """Save a random 2-layer, 32-wide Llama with a character tokenizer (``eggroll_ft.testing``) at ``path``.
-
-    A smoke-run model that loads offline with ``from_pretrained``; it earns ~0 reward on any task.
-    Built atomically (``build_dir_atomically``).
-    """
-    from .testing import char_tokenizer, tiny_llama
-
-    def build(tmp):
-        tok = char_tokenizer()
-        model = tiny_llama(len(tok), seed=0)
-        model.generation_config.eos_token_id = tok.eos_token_id
-        model.generation_config.pad_token_id = tok.pad_token_id
-        tok.save_pretrained(tmp)
-        model.save_pretrained(tmp)
-
-    return build_dir_atomically(path, build)
-
-
-def resolve_model_name(name: str) -> str:
-    """``"tiny-random-llama"`` -> its cached checkpoint (built on first use); anything else unchanged."""
-    if name == TINY_RANDOM_LLAMA:
-        return build_tiny_random_llama(os.path.join(cache_dir(), TINY_RANDOM_LLAMA))
-    return name
 
 
 def model_init_kwargs(model_args) -> dict:

@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from .named import load_gguf, load_gguf_tokenizer, resolve_model_name
+
 RWKV7_NATIVE_KEY = "blocks.0.att.r_k"  # present in every RWKV-7 state dict in our (and the official) names
 # from_pretrained keyword arguments that have no meaning for our RWKV-7 loader and are dropped
 _RWKV_IGNORED_KWARGS = ("revision", "attn_implementation", "trust_remote_code", "low_cpu_mem_usage", "use_cache",
@@ -81,7 +83,11 @@ def _rwkv_device(device_map) -> str | torch.device:
 
 
 def load_causal_lm(name_or_path: str, **kwargs):
-    """A causal LM from a hub id or a local path (HF or RWKV-7).
+    """A causal LM from a hub id, a local path (HF, RWKV-7 or a ``.gguf`` file) or a named model.
+
+    Named models (``"smollm2-135m-instruct"``, ``named.NAMED_MODELS``) are built into the cache on
+    first use. GGUF files (a ``.gguf`` path, or ``gguf_file`` in ``kwargs``) are dequantized into
+    a float model that saves like any other (``named.load_gguf``).
 
     ``kwargs`` are ``from_pretrained`` keyword arguments (``EggrollConfig.model_init_kwargs``).
     For RWKV-7, ``dtype`` (or ``torch_dtype``; a dtype or its name, ``"auto"`` keeps the
@@ -89,7 +95,9 @@ def load_causal_lm(name_or_path: str, **kwargs):
     (``revision``, ``attn_implementation`` ...) are ignored; anything else, e.g. a
     ``quantization_config``, raises ``ValueError``.
     """
-    name_or_path = os.fspath(name_or_path)
+    name_or_path = resolve_model_name(os.fspath(name_or_path))
+    if name_or_path.endswith(".gguf") or "gguf_file" in kwargs:
+        return load_gguf(name_or_path, **kwargs)
     if is_rwkv7_checkpoint(name_or_path):
         from .rwkv7 import RWKV7ForCausalLM
 
@@ -128,7 +136,13 @@ def load_tokenizer(model, name_or_path: str | None = None):
                 return RWKVWorldTokenizer.from_pretrained(directory)
     from transformers import AutoTokenizer
 
-    path = name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None)
+    path = resolve_model_name(name_or_path) if name_or_path else None
+    path = path or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if path and str(path).endswith(".gguf"):
+        tok = load_gguf_tokenizer(path)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
     if not path:
         raise ValueError("processing_class is required when the model has no name or path to load a tokenizer from")
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
