@@ -55,15 +55,20 @@ def peak_rss_mb() -> float:
 
 
 @torch.no_grad()
-def greedy_accuracy(model, tokenizer, prompts: list[str], columns: dict, reward_func, max_new_tokens: int,
+def greedy_accuracy(model, tokenizer, prompts: list, columns: dict, reward_func, max_new_tokens: int,
                     batch_size: int = 64, per_problem: bool = False):
     """Mean of ``reward_func`` over greedy completions of ``prompts`` (``columns``: one entry per prompt).
+
+    Prompts are strings, or chat messages (rendered with the tokenizer's chat template and the
+    generation prompt, as both trainers do).
 
     ``per_problem=True`` returns the list of per-prompt rewards instead (for paired tests).
     """
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"  # generation continues the prompt's last token
+    if prompts and isinstance(prompts[0], list):
+        prompts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
     texts = []
     try:
         for i in range(0, len(prompts), batch_size):

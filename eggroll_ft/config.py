@@ -68,6 +68,9 @@ class EggrollConfig(TrainingArguments):
     compile_decode: bool = _help("Capture the engine's decode step with torch.compile (CUDA graphs on CUDA); static slot "
                                  "shapes. For GPUs: on CPU it is slower than eager (docs/benchmarks.md).", default=False)
     greedy: bool = _help("Greedy decoding (the paper's Countdown setting); otherwise sample.", default=False)
+    common_sampling_noise: bool = _help("When sampling, every member answering a prompt draws the same sampling noise (common "
+                                        "random numbers), so members differ by their weights only; False: each antithetic "
+                                        "pair draws its own.", default=False)
     stop_strings: list[str] | None = _help("Strings that end a completion (kept in the text).", default=None)
     # ---- GRPOConfig fields with the same meaning -----------------------------------------
     max_prompt_length: int | None = _help("Prompts are truncated on the left to this many tokens.", default=512)
@@ -114,6 +117,16 @@ class EggrollConfig(TrainingArguments):
         def need(cond, name, rule):
             if not cond:
                 raise ValueError(f"{name}={getattr(self, name)!r} {rule}")
+
+        # YAML 1.1 reads "1e-5" (no dot) as a string: accept a number written so, name anything else
+        for name in ("sigma", "learning_rate", "sigma_decay", "sigma_final", "temperature", "top_p",
+                     "generation_memory_gb"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    setattr(self, name, float(value))
+                except ValueError:
+                    raise ValueError(f"{name}={value!r} must be a number") from None
 
         need(isinstance(self.population_size, int) and self.population_size >= 2, "population_size", "must be an int >= 2")
         need(not (self.antithetic and self.population_size % 2), "population_size", "must be even when antithetic=True")

@@ -110,12 +110,15 @@ def _final_eval(trainer) -> dict:
 
 
 def train_and_evaluate(trainer, accuracy_reward: str, eval_only: bool = False,
-                       eval_before_training: bool = True) -> dict:
+                       eval_before_training: bool = True, paired: bool = False) -> dict:
     """Score -> train -> score -> save; writes ``<output_dir>/eval_results.json`` and returns it.
 
     ``accuracy_reward`` names the reward function whose held-out greedy mean is the accuracy
     (``eval_rewards/<name>/mean``). With ``eval_only`` the model is only scored (no training, no
-    save). Prints a one-line summary. Every evaluation is also a log record (``metrics.jsonl`` through the callbacks).
+    save). ``paired``: the results also hold each problem's score before and after
+    (``per_problem_before``/``_after``) and the exact McNemar test of the change (``gained``,
+    ``lost``, ``p_value``; the accuracy reward must be 0/1). Prints a one-line summary. Every
+    evaluation is also a log record (``metrics.jsonl`` through the callbacks).
     """
     if accuracy_reward not in trainer.reward_func_names:
         raise ValueError(f"reward_funcs={trainer.reward_func_names} must include {accuracy_reward!r}: the held-out "
@@ -128,11 +131,20 @@ def train_and_evaluate(trainer, accuracy_reward: str, eval_only: bool = False,
         metrics = trainer.evaluate()
         results.update(accuracy=metrics[key], metrics=metrics)
     else:
-        if eval_before_training:
+        column = trainer.reward_func_names.index(accuracy_reward)
+        per_problem = {}
+        if eval_before_training or paired:
             before = trainer.evaluate()
+            per_problem["before"] = trainer.last_eval_rewards[:, column].nan_to_num(0.0).tolist()
             results.update(accuracy_before=before[key], before=before)
         train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-        after = _final_eval(trainer)
+        after = trainer.evaluate() if paired else _final_eval(trainer)
+        if paired:
+            from .compare import paired_change
+
+            per_problem["after"] = trainer.last_eval_rewards[:, column].nan_to_num(0.0).tolist()
+            results.update(paired_change(per_problem["before"], per_problem["after"]),
+                           per_problem_before=per_problem["before"], per_problem_after=per_problem["after"])
         results.update(accuracy_after=after[key], after=after, global_step=trainer.state.global_step,
                        train_metrics=train_output.metrics)
         trainer.save_model(args.output_dir)
@@ -145,6 +157,8 @@ def train_and_evaluate(trainer, accuracy_reward: str, eval_only: bool = False,
             print(f"held-out accuracy of {results['model']}: {results['accuracy']:.3f} on {n} problems")
         else:
             before = f"{results['accuracy_before']:.3f}" if eval_before_training else "n/a"
-            print(f"held-out accuracy: {before} -> {results['accuracy_after']:.3f} on {n} problems; "
+            change = f" (gained {results['gained']}, lost {results['lost']}, exact McNemar p = {results['p_value']:.3g})" \
+                if paired else ""
+            print(f"held-out accuracy: {before} -> {results['accuracy_after']:.3f} on {n} problems{change}; "
                   f"model saved to {os.path.abspath(args.output_dir)}")
     return results

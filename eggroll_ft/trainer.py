@@ -144,6 +144,7 @@ class EggrollTrainer(Trainer):
                          optimizers=optimizers)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._last_table = None
+        self.last_eval_rewards: torch.Tensor | None = None  # (num_problems, num_reward_funcs) of the last evaluate()
         self._warned_no_signal = False
         if self.accelerator.num_processes > 1:
             destroy_process_group_at_exit()  # else gloo may abort the finished process at exit
@@ -230,8 +231,11 @@ class EggrollTrainer(Trainer):
 
     def _job_seeds(self, members: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
         """Sampling seed of each (member, prompt) job. Antithetic partners share it (common random
-        numbers), so a pair differs only by the sign of its perturbation."""
+        numbers), so a pair differs only by the sign of its perturbation; with
+        ``common_sampling_noise`` all members share it."""
         noise_idx = self.population.noise.noise_index(members)
+        if self.args.common_sampling_noise:
+            noise_idx = torch.zeros_like(noise_idx)
         key = stream_key(self.args.seed, "sampling", self.state.global_step)
         return _splitmix64(torch.tensor(key) ^ (noise_idx * 1_000_003 + prompt_index))
 
@@ -459,7 +463,10 @@ class EggrollTrainer(Trainer):
 
     # ---- evaluation ---------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
-        """Rewards of the unperturbed model on the eval prompts (greedy), logged as ``eval_*``."""
+        """Rewards of the unperturbed model on the eval prompts (greedy), logged as ``eval_*``.
+
+        The per-problem rewards ``(num_problems, num_reward_funcs)`` (NaN where a function returned
+        None) are kept in ``self.last_eval_rewards``, for paired tests of a change."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset")
@@ -471,6 +478,7 @@ class EggrollTrainer(Trainer):
         texts = self.processing_class.batch_decode(gen.completion_ids, skip_special_tokens=True)
         completions = [[{"role": "assistant", "content": t}] for t in texts] if _is_conversational(prompts[0]) else texts
         per_func = self._calculate_rewards(rows, prompts, completions, gen.completion_ids)
+        self.last_eval_rewards = per_func
         total = combine_rewards(per_func, self.reward_weights)
         metrics = {f"{metric_key_prefix}_reward": float(torch.nanmean(total))}
         for i, name in enumerate(self.reward_func_names):

@@ -1,4 +1,4 @@
-"""Task rewards and their datasets (Countdown, GSM8K), addressable by name.
+"""Task rewards and their datasets (Countdown, GSM8K, arithmetic), addressable by name.
 
 Reward functions follow TRL's protocol: ``reward(completions, **columns) -> list[float]``,
 where ``completions`` are strings or lists of chat messages and every other dataset column
@@ -6,7 +6,8 @@ arrives as a keyword argument (one entry per completion). Higher reward is bette
 
 A reward is named in recipes and on the command line by one of:
 
-- a registered name: ``"countdown"``, ``"countdown_format"``, ``"gsm8k"`` (see ``REWARD_FUNCS``);
+- a registered name: ``"countdown"``, ``"countdown_format"``, ``"gsm8k"``, ``"arithmetic"``,
+  ``"arithmetic_format"`` (see ``REWARD_FUNCS``);
 - ``"module:function"``, e.g. ``"rewards.countdown:countdown_reward"`` or ``"my_pkg.rw:score"``;
 - ``"path/to/file.py:function"``, for a reward written in a loose file.
 
@@ -21,6 +22,7 @@ import os
 import sys
 from typing import Callable
 
+from rewards.arithmetic import arithmetic_format_reward, arithmetic_reward
 from rewards.countdown import countdown_format_reward, countdown_reward
 from rewards.gsm8k import gsm8k_reward
 
@@ -28,6 +30,8 @@ REWARD_FUNCS: dict[str, Callable[..., list[float]]] = {
     "countdown": countdown_reward,
     "countdown_format": countdown_format_reward,
     "gsm8k": gsm8k_reward,
+    "arithmetic": arithmetic_reward,
+    "arithmetic_format": arithmetic_format_reward,
 }
 
 
@@ -62,7 +66,7 @@ def get_reward_func(spec: str | Callable) -> Callable[..., list[float]]:
     >>> get_reward_func("countdwn")
     Traceback (most recent call last):
     ...
-    ValueError: reward 'countdwn' is not a registered name (countdown, countdown_format, gsm8k), nor 'module:function', nor 'path/to/file.py:function'
+    ValueError: reward 'countdwn' is not a registered name (countdown, countdown_format, gsm8k, arithmetic, arithmetic_format), nor 'module:function', nor 'path/to/file.py:function'
     """
     if callable(spec):
         return spec
@@ -94,4 +98,5 @@ def get_reward_func(spec: str | Callable) -> Callable[..., list[float]]:
     return func
 
 
-__all__ = ["REWARD_FUNCS", "get_reward_func", "countdown_reward", "countdown_format_reward", "gsm8k_reward"]
+__all__ = ["REWARD_FUNCS", "get_reward_func", "countdown_reward", "countdown_format_reward", "gsm8k_reward",
+           "arithmetic_reward", "arithmetic_format_reward"]

@@ -1,4 +1,4 @@
-"""Completion text in TRL's two shapes: a plain string, or a list of chat messages.
+"""Text in TRL's two shapes: a plain string, or a list of chat messages (completions and prompts).
 
 TRL passes ``completions`` to reward functions either as strings (standard datasets) or as
 lists of message dicts ``[{"role": "assistant", "content": "..."}]`` (conversational
@@ -45,3 +45,17 @@ def _content(message: dict) -> str:
         parts = [p.get("text") for p in content if isinstance(p, dict)]
         return "".join(p for p in parts if isinstance(p, str))
     return ""
+
+
+def fill_template(templates: dict, template: str, **fields) -> str | list[dict]:
+    """A task prompt: ``templates[template]`` (a string, or chat messages) with ``fields`` filled in.
+
+    >>> fill_template({"plain": "Q: {q}", "chat": [{"role": "user", "content": "{q}?"}]}, "chat", q="2+2")
+    [{'role': 'user', 'content': '2+2?'}]
+    """
+    if template not in templates:
+        raise ValueError(f"template={template!r} is not one of {sorted(templates)}")
+    tpl = templates[template]
+    if isinstance(tpl, str):
+        return tpl.format(**fields)
+    return [{"role": m["role"], "content": m["content"].format(**fields)} for m in tpl]

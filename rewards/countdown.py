@@ -17,7 +17,7 @@ import random
 from fractions import Fraction
 
 from rewards._arith import ArithError, evaluate, tree_to_str
-from rewards._text import completion_text
+from rewards._text import completion_text, fill_template
 
 _INSTRUCTION = (
     "Using the numbers {nums}, create an equation that equals {target}. You can use basic "
@@ -65,13 +65,7 @@ def format_prompt(nums, target, template: str = "tinyzero") -> str | list[dict]:
     >>> format_prompt([3, 5, 7], 22, "chat")[1]["content"][:38]
     'Using the numbers [3, 5, 7], create an'
     """
-    if template not in TEMPLATES:
-        raise ValueError(f"template={template!r} is not one of {sorted(TEMPLATES)}")
-    fields = {"nums": _nums_str(nums), "target": int(target)}
-    tpl = TEMPLATES[template]
-    if isinstance(tpl, str):
-        return tpl.format(**fields)
-    return [{"role": m["role"], "content": m["content"].format(**fields)} for m in tpl]
+    return fill_template(TEMPLATES, template, nums=_nums_str(nums), target=int(target))
 
 
 # ---- solver and generator ----------------------------------------------------------------

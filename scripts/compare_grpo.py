@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:  # rewards/ and scripts/ live beside the package
     sys.path.insert(0, str(ROOT))
 
 METHODS = ("grpo", "eggroll")
+TASKS = ("countdown", "arithmetic")
 COLUMNS = ["method", "step", "wall_clock_s", "completions", "train_reward", "eval_accuracy", "peak_rss_mb"]
 
 
@@ -50,7 +51,10 @@ class CompareArguments:
 
     output_dir: str = field(default="runs/compare_grpo", metadata={"help": "Where results.csv, curves.png, summary.md go."})
     model_name_or_path: str = field(default="tiny-countdown-base", metadata={
-        "help": "Base model path; 'tiny-countdown-base' builds/uses scripts/make_tiny_base.py's cached model."})
+        "help": "Base model: a path, a hub id or a named model ('smollm2-135m-instruct', 'tiny-countdown-base': "
+                "built into the cache on first use)."})
+    task: str = field(default="countdown", metadata={"help": f"Task, one of {TASKS}: its prompts, rewards and accuracy."})
+    level: str = field(default="add2", metadata={"help": "Arithmetic difficulty (rewards/arithmetic.py LEVELS)."})
     methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Methods to run, of {METHODS}."})
     budget_seconds: float = field(default=600.0, metadata={"help": "Training wall-clock budget per method (0 = none)."})
     budget_completions: int = field(default=0, metadata={"help": "Completions-generated budget per method (0 = none)."})
@@ -58,8 +62,9 @@ class CompareArguments:
     num_train: int = field(default=5000, metadata={"help": "Generated training problems."})
     num_eval: int = field(default=128, metadata={"help": "Held-out problems scored greedily."})
     dataset_seed: int = field(default=1, metadata={"help": "Seed of the training problems."})
-    eval_seed: int = field(default=1_000_003, metadata={"help": "Seed of the held-out problems (make_tiny_base's held-out set)."})
-    sweep_eval_seed: int = field(default=2_000_003, metadata={"help": "Seed of the sweep's validation problems."})
+    eval_seed: int = field(default=1_000_003, metadata={
+        "help": "Countdown: seed of the held-out problems (make_tiny_base's held-out set). Arithmetic has fixed splits."})
+    sweep_eval_seed: int = field(default=2_000_003, metadata={"help": "Countdown: seed of the sweep's validation problems."})
     min_numbers: int = field(default=3, metadata={"help": "Fewest numbers per problem."})
     max_numbers: int = field(default=3, metadata={"help": "Most numbers per problem."})
     max_value: int = field(default=100, metadata={"help": "Numbers and targets in 1..max_value."})
@@ -77,6 +82,8 @@ class CompareArguments:
         "help": "summary.md reports time and completions to first reach each held-out accuracy."})
     eggroll: Union[dict, str] = field(default_factory=dict, metadata={"help": "EggrollConfig fields (YAML mapping)."})
     grpo: Union[dict, str] = field(default_factory=dict, metadata={"help": "GRPOConfig fields (YAML mapping)."})
+    eval_split: str = field(default="test", metadata={
+        "help": "Problems the main runs are scored on: 'test' (held out: report these) or 'validation' (tune on these)."})
     sweep: bool = field(default=False, metadata={"help": "Tune each method with short runs before the main runs."})
     sweep_budget_seconds: float = field(default=60.0, metadata={"help": "Budget of each sweep run."})
     sweep_grpo_learning_rate: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3], metadata={
@@ -96,21 +103,38 @@ class CompareArguments:
             raise ValueError(f"budget_seconds={self.budget_seconds} and budget_completions={self.budget_completions}: set one > 0")
         if len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"reward_weights={self.reward_weights} needs one weight per reward in {self.reward_funcs}")
+        if self.eval_split not in ("test", "validation"):
+            raise ValueError(f"eval_split={self.eval_split!r} must be 'test' or 'validation'")
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r} must be one of {TASKS}")
         if self.num_eval < 1 or self.num_train < 1 or self.threads < 1:
             raise ValueError(f"num_eval={self.num_eval}, num_train={self.num_train}, threads={self.threads} must be >= 1")
 
 
 # ---- one method, in its own process ---------------------------------------------------------------
 
-def datasets_for(a: CompareArguments, eval_seed: int):
-    """``(train, heldout)`` Countdown datasets; training drops any problem that is also held out."""
-    from rewards.countdown import make_countdown_dataset
+def datasets_for(a: CompareArguments, split: str):
+    """``(train, eval_set, accuracy_reward, eval_columns)``: ``split`` is "test" (held out) or "validation".
+
+    Training never contains an evaluation problem. Countdown draws its evaluation problems from
+    ``eval_seed`` / ``sweep_eval_seed``; arithmetic has fixed test and validation splits.
+    """
+    if a.task == "arithmetic":
+        from rewards.arithmetic import arithmetic_reward, make_arithmetic_splits
+
+        num_test, num_val = (a.num_eval, 256) if split == "test" else (512, a.num_eval)
+        splits = make_arithmetic_splits(a.level, num_train=a.num_train, num_validation=num_val, num_test=num_test,
+                                        template=a.template, seed=a.dataset_seed)
+        ev = splits[split]
+        return splits["train"], ev, arithmetic_reward, {"answer": ev["answer"]}
+    from rewards.countdown import countdown_reward, make_countdown_dataset
 
     kw = dict(template=a.template, min_numbers=a.min_numbers, max_numbers=a.max_numbers, max_value=a.max_value)
-    heldout = make_countdown_dataset(a.num_eval, seed=eval_seed, **kw)
+    heldout = make_countdown_dataset(a.num_eval, seed=a.eval_seed if split == "test" else a.sweep_eval_seed, **kw)
     held = {(tuple(n), t) for n, t in zip(heldout["nums"], heldout["target"])}
     train = make_countdown_dataset(a.num_train, seed=a.dataset_seed, **kw)
-    return train.filter(lambda r: (tuple(r["nums"]), r["target"]) not in held), heldout
+    train = train.filter(lambda r: (tuple(r["nums"]), r["target"]) not in held)
+    return train, heldout, countdown_reward, {"nums": heldout["nums"], "target": heldout["target"]}
 
 
 def run_method(spec: dict) -> None:
@@ -122,12 +146,11 @@ def run_method(spec: dict) -> None:
     from eggroll_ft import EggrollConfig, EggrollTrainer
     from eggroll_ft.compare import BudgetCallback, CountingReward, greedy_accuracy, peak_rss_mb
     from rewards import get_reward_func
-    from rewards.countdown import countdown_reward
 
     a, method, settings, run_dir = CompareArguments(**spec["args"]), spec["method"], spec["settings"], spec["run_dir"]
     torch.set_num_threads(a.threads)
     rss_after_imports = peak_rss_mb()
-    train, heldout = datasets_for(a, spec["eval_seed"])
+    train, heldout, accuracy_reward, columns = datasets_for(a, spec["split"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
     counter = CountingReward(get_reward_func(a.reward_funcs[0]))
     rewards = [counter, *(get_reward_func(r) for r in a.reward_funcs[1:])]
@@ -142,10 +165,9 @@ def run_method(spec: dict) -> None:
         args = EggrollConfig(**{**common, **settings})
         trainer = EggrollTrainer(model=spec["model_path"], reward_funcs=rewards, args=args, train_dataset=train,
                                  processing_class=tokenizer)
-    columns = {"nums": heldout["nums"], "target": heldout["target"]}
 
     def evaluate():
-        return greedy_accuracy(trainer.model, tokenizer, heldout["prompt"], columns, countdown_reward,
+        return greedy_accuracy(trainer.model, tokenizer, heldout["prompt"], columns, accuracy_reward,
                                a.max_completion_length, per_problem=True)
 
     budget = BudgetCallback(evaluate, counter, max_seconds=a.budget_seconds, max_completions=a.budget_completions,
@@ -157,14 +179,14 @@ def run_method(spec: dict) -> None:
                    "threads": torch.get_num_threads()}, f, indent=1)
 
 
-def launch(a: CompareArguments, name: str, method: str, settings: dict, model_path: str, eval_seed: int,
+def launch(a: CompareArguments, name: str, method: str, settings: dict, model_path: str, split: str,
            budget_seconds: float | None = None) -> dict:
     """Run one method in a fresh Python process; returns its rows.json content."""
     run_dir = os.path.join(a.output_dir, "runs", name)
     os.makedirs(run_dir, exist_ok=True)
     args = {**asdict(a), **({"budget_seconds": budget_seconds} if budget_seconds is not None else {})}
     spec = {"args": args, "name": name, "method": method, "settings": settings, "run_dir": run_dir,
-            "model_path": model_path, "eval_seed": eval_seed}
+            "model_path": model_path, "split": split}
     spec_path = os.path.join(run_dir, "spec.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f, indent=1)
@@ -193,7 +215,7 @@ def run_sweep(a: CompareArguments, model_path: str) -> dict:
     for method in a.methods:
         for k, change in enumerate(grid[method]):
             settings = {**getattr(a, method), **change}
-            out = launch(a, f"sweep_{method}_{k}", method, settings, model_path, a.sweep_eval_seed, a.sweep_budget_seconds)
+            out = launch(a, f"sweep_{method}_{k}", method, settings, model_path, "validation", a.sweep_budget_seconds)
             last = out["rows"][-1]
             results.append({"method": method, **change, "steps": last["step"], "completions": last["completions"],
                             "val_accuracy_start": out["rows"][0]["eval_accuracy"], "val_accuracy_end": last["eval_accuracy"]})
@@ -206,7 +228,7 @@ def run_sweep(a: CompareArguments, model_path: str) -> dict:
     return {m: s for m, (_, s) in best.items()}
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,16 +244,16 @@ def plot(rows: list[dict], path: str) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("Countdown: EGGROLL vs GRPO, same model, prompts, reward and budget")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def summarize(a: CompareArguments, outs: dict, rows: list[dict], load: str) -> str:
-    lines = [f"# EGGROLL vs GRPO on {a.model_name_or_path}", "",
+    lines = [f"# EGGROLL vs GRPO on {a.model_name_or_path}, task {a.task}", "",
              f"Budget per method: {a.budget_seconds or 'no'} training seconds, {a.budget_completions or 'no'} completions; "
-             f"{a.num_eval} held-out problems, greedy; torch threads {a.threads}; load average at start: {load}.",
+             f"{a.num_eval} {'held-out' if a.eval_split == 'test' else 'validation'} problems, greedy; torch threads {a.threads}; load average at start: {load}.",
              "Peak RSS: " + ("getrusage(RUSAGE_SELF).ru_maxrss of each method's own subprocess." if a.isolate else
                              "isolate=false, one process ran all methods in turn: each figure is that process's peak "
                              "so far (includes the methods before it)."), "",
@@ -278,18 +300,23 @@ def main(argv: list[str] | None = None) -> dict:
         from scripts.make_tiny_base import ensure_tiny_base
 
         model_path = ensure_tiny_base()
+    else:
+        from eggroll_ft.models.named import resolve_model_name
+
+        model_path = resolve_model_name(model_path)
     settings = {m: getattr(a, m) for m in a.methods}
     if a.sweep:
         settings = run_sweep(a, model_path)
     start = time.time()
-    outs = {m: launch(a, m, m, settings[m], model_path, a.eval_seed) for m in a.methods}
+    outs = {m: launch(a, m, m, settings[m], model_path, a.eval_split) for m in a.methods}
     rows = [r for out in outs.values() for r in out["rows"]]
     with open(os.path.join(a.output_dir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in COLUMNS}
                          for r in rows)
-    plot(rows, os.path.join(a.output_dir, "curves.png"))
+    plot(rows, os.path.join(a.output_dir, "curves.png"),
+         f"{a.task} on {os.path.basename(str(a.model_name_or_path))}: EGGROLL vs GRPO, same prompts, reward and budget")
     summary = summarize(a, outs, rows, load)
     Path(a.output_dir, "summary.md").write_text(summary)
     print(summary + f"\n[compare_grpo] done in {time.time() - start:.0f}s; outputs in {a.output_dir}")

@@ -85,6 +85,34 @@ def test_continuous_batching_equals_one_batch(tok, sampling):
         assert out.finish_reasons == ref.finish_reasons
 
 
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLE], ids=["greedy", "sampled"])
+def test_shared_prompt_prefix_equals_full_prefill(tok, sampling):
+    """Prompts with a common prefix (a chat template's system prompt): each member's rows continue
+    from one prefill of that prefix, with the same completions as prefilling every prompt whole."""
+    model, pop, _, _ = _setup(tok)
+    prefix = tok("System: answer briefly. ")["input_ids"]
+    prompts = [prefix + tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS[:5]]
+    members = torch.tensor([0, 1, 2, 3, -1, 5]).repeat_interleave(len(prompts))  # member-major, as the trainer
+    jobs = prompts * 6
+    seeds = torch.arange(len(jobs)) * 3 + 1
+    eos = [tok.convert_tokens_to_ids("e")]  # rows end early, slots refill mid-flight with fewer rows
+    full = _engine(model, pop, eos=eos, max_sequences_in_flight=8, share_prompt_prefix=False)
+    shared = _engine(model, pop, eos=eos, max_sequences_in_flight=8)
+    calls = []
+    run_prefix = shared.adapter.run_prefix
+    shared.adapter.run_prefix = lambda ids, rows: calls.append((ids.shape, len(rows))) or run_prefix(ids, rows)
+    ref = full.generate(jobs, members, seeds, max_new_tokens=10, sampling=sampling)
+    out = shared.generate(jobs, members, seeds, max_new_tokens=10, sampling=sampling)
+    assert out.completion_ids == ref.completion_ids and out.finish_reasons == ref.finish_reasons
+    assert FINISH_EOS in out.finish_reasons
+    assert calls and all(shape[1] == len(prefix) and shape[0] < rows for shape, rows in calls)  # fewer prefix rows
+    assert calls[0] == ((2, len(prefix)), 8)  # the first 8 slots hold members 0 (5 rows) and 1 (3 rows)
+    # every row a different member: nothing to share, the prefix is not run separately
+    calls.clear()
+    shared.generate(prompts, torch.arange(5), max_new_tokens=4, sampling=GREEDY)
+    assert calls == []
+
+
 def test_seeded_sampling_reproduces_across_runs_and_slot_orders(tok):
     model, pop, prompts, members = _setup(tok)
     seeds = torch.arange(len(prompts)) + 100

@@ -6,13 +6,13 @@ from pathlib import Path
 PKG = Path(__file__).parents[1] / "eggroll_ft"
 
 LAYERS = {
-    "config": 0, "testing": 0, "callbacks": 0,
+    "config": 0, "testing": 0, "callbacks": 0, "compare": 0,
     "noise": 1, "shaping": 1,
     "population": 2,
     "models": 3,
     "engine": 4, "es_update": 4, "distributed": 4, "reward_funcs": 4, "bytes_data": 4,
     "integer_es": 4, "recipe_utils": 4,
-    "trainer": 5, "rl": 5, "compare": 5,
+    "trainer": 5, "rl": 5,
     "__init__": 6,
 }
 

@@ -30,6 +30,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 CONFIGS = sorted(glob.glob(str(ROOT / "recipes" / "configs" / "**" / "*.yaml"), recursive=True))
 COUNTDOWN_TINY = ROOT / "recipes" / "configs" / "countdown" / "tiny_cpu.yaml"
 GSM8K_TINY = ROOT / "recipes" / "configs" / "gsm8k" / "tiny_cpu.yaml"
+ARITHMETIC_TINY = ROOT / "recipes" / "configs" / "arithmetic" / "tiny_cpu.yaml"
 # A few-second tiny base (the test_tiny_base.py budget): one layer, 32 wide, 40 steps.
 TINY_BASE_ARGS = ["--steps", "40", "--hidden_size", "32", "--num_layers", "1", "--num_heads", "2", "--num_train", "600",
                   "--num_eval", "8", "--batch_size", "16", "--warmup_steps", "5", "--lr", "1e-2", "--max_new_tokens", "12"]
@@ -281,6 +282,20 @@ def test_tiny_gsm8k_config_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+def test_tiny_arithmetic_config_end_to_end_with_paired_test(tmp_path):
+    """The arithmetic recipe scores every held-out problem before and after and tests the change."""
+    out = tmp_path / "arith"
+    run([sys.executable, "recipes/arithmetic.py", "--config", str(ARITHMETIC_TINY), "--output_dir", str(out),
+         "--max_steps", "2"], {"EGGROLL_CACHE": str(tmp_path / "cache")})
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["num_eval"] == 16 and results["global_step"] == 2
+    before, after = results["per_problem_before"], results["per_problem_after"]
+    assert len(before) == len(after) == 16 and set(before + after) <= {0.0, 1.0}
+    assert results["accuracy_before"] == sum(before) / 16 and results["accuracy_after"] == sum(after) / 16
+    gained = sum(b == 0 and a == 1 for b, a in zip(before, after))
+    assert results["gained"] == gained and 0 <= results["p_value"] <= 1
+
+
 def test_accelerate_two_cpu_processes_run_tiny_countdown(tiny_cache, tmp_path):
     """`accelerate launch` with two gloo processes completes and writes the outputs once (rank 0)."""
     out = tmp_path / "run"

@@ -2,13 +2,15 @@
 import pytest
 
 from rewards import REWARD_FUNCS, get_reward_func
+from rewards.arithmetic import arithmetic_format_reward, arithmetic_reward
 from rewards.countdown import countdown_format_reward, countdown_reward
 from rewards.gsm8k import gsm8k_reward
 
 
 def test_registered_names():
     assert REWARD_FUNCS == {"countdown": countdown_reward, "countdown_format": countdown_format_reward,
-                            "gsm8k": gsm8k_reward}
+                            "gsm8k": gsm8k_reward, "arithmetic": arithmetic_reward,
+                            "arithmetic_format": arithmetic_format_reward}
     for name, func in REWARD_FUNCS.items():
         assert get_reward_func(name) is func
     assert get_reward_func(" gsm8k ") is gsm8k_reward
@@ -55,7 +57,7 @@ def test_file_function(tmp_path):
 @pytest.mark.parametrize(
     "spec,message",
     [
-        ("countdwn", "not a registered name \\(countdown, countdown_format, gsm8k\\)"),
+        ("countdwn", "not a registered name \\(countdown, countdown_format, gsm8k, arithmetic, arithmetic_format\\)"),
         ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
         ("rewards.countdown:nope", "has no attribute 'nope'"),
         ("rewards.countdown:", "must look like"),

@@ -80,11 +80,18 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(tmp_path):
     (dict(prompts_per_step=0), "prompts_per_step=0"), (dict(temperature=0.0), "temperature=0.0"),
     (dict(top_p=1.5), "top_p=1.5"), (dict(sigma_schedule="cosine"), "sigma_schedule='cosine'"),
     (dict(generation_backend="vllm"), "generation_backend='vllm'"), (dict(use_vllm=True), "use_vllm=True"),
+    (dict(sigma="abc"), "sigma='abc' must be a number"),
 ])
 def test_invalid_config_names_field_and_value(tmp_path, kw, msg):
     with pytest.raises(ValueError) as e:
         _args(tmp_path, **kw)
     assert msg in str(e.value)
+
+
+def test_numbers_written_as_yaml_strings_are_read(tmp_path):
+    """YAML 1.1 reads `1e-5` (no dot) as a string; such numbers are accepted, anything else is named."""
+    args = _args(tmp_path, sigma="1e-3", learning_rate="3e-6")
+    assert args.sigma == 1e-3 and args.learning_rate == 3e-6
 
 
 def test_reward_errors_name_the_function(tmp_path):

@@ -37,8 +37,9 @@ class _SlotLayer(CacheLayerMixin):
 
     is_compileable = True
 
-    def __init__(self, owner: "SlotKVCache"):
+    def __init__(self, owner: "SlotKVCache", index: int):
         super().__init__()
+        self.index = index  # this layer's place in the model (which prefix keys/values are its own)
         # a weak reference: cache -> layers -> cache would be a reference cycle, and a cycle's
         # buffers (the whole key/value cache) wait for a full garbage collection to be freed
         self._owner = weakref.ref(owner)
@@ -63,10 +64,13 @@ class _SlotLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         o = self.owner
         if o.prefill_rows is not None:  # prompts of some slots, positions 0..T-1
+            if o.prefill_prefix is not None:  # a shared prefix computed once per member: (R, H, Lp, D) first
+                pk, pv = o.prefill_prefix.layer(self.index)
+                key_states, value_states = torch.cat([pk, key_states], 2), torch.cat([pv, value_states], 2)
             T = key_states.shape[2]
             self.keys[o.prefill_rows, :, :T] = key_states
             self.values[o.prefill_rows, :, :T] = value_states
-            return key_states, value_states  # a prompt attends to itself only
+            return key_states, value_states  # a prompt attends to itself (and its prefix) only
         rows = o.arange
         self.keys[rows, :, o.write_pos] = key_states[:, :, 0]  # (S, H, D)
         self.values[rows, :, o.write_pos] = value_states[:, :, 0]
@@ -86,6 +90,22 @@ class _SlotLayer(CacheLayerMixin):
             self.keys, self.values = self.keys[keep].contiguous(), self.values[keep].contiguous()
 
 
+class SharedPrefix:
+    """Keys and values of a prompt prefix that several rows share, computed once per member.
+
+    ``keys[l]``/``values[l]``: ``(U, H_kv, Lp, D)`` for the ``U`` members that ran the prefix;
+    ``rows``: ``(R,)`` which of the ``U`` each prefilled row continues from.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], rows: torch.Tensor):
+        self.keys, self.values, self.rows = keys, values, rows
+        self.length = keys[0].shape[2] if keys else 0
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s prefix for every prefilled row: ``(R, H_kv, Lp, D)`` twice."""
+        return self.keys[index][self.rows], self.values[index][self.rows]
+
+
 class SlotKVCache(Cache):
     """A static key/value cache of ``num_slots`` sequences of up to ``max_len`` tokens each.
 
@@ -99,6 +119,7 @@ class SlotKVCache(Cache):
     def __init__(self, num_layers: int, num_slots: int, max_len: int, device, static: bool = False):
         self.num_slots, self.max_len, self.static = num_slots, max_len, static
         self.prefill_rows: torch.Tensor | None = None
+        self.prefill_prefix: SharedPrefix | None = None
         self.kv_len = 1
         self.arange = torch.arange(num_slots, device=device)
         self.write_pos = torch.zeros(num_slots, dtype=torch.long, device=device)  # (S,)
@@ -111,7 +132,7 @@ class SlotKVCache(Cache):
             self.kv_len = max_len
             for t in (self.arange, self.write_pos, self.position, self.valid, self.live):
                 torch._dynamo.mark_static_address(t)
-        super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
+        super().__init__(layers=[_SlotLayer(self, i) for i in range(num_layers)])
 
     def select(self, keep: list[int]) -> None:
         """Keep only slots ``keep`` (in that order): the slot count becomes ``len(keep)``."""
@@ -158,18 +179,35 @@ class HFCausalLMAdapter:
         m = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         return m.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
-    def prefill(self, cache: SlotKVCache, rows: list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """Left-padded prompts ``(R, T)`` into slots ``rows`` -> last-position logits ``(R, V)``."""
+    def run_prefix(self, prefix_ids: torch.Tensor, rows: torch.Tensor) -> SharedPrefix:
+        """Run an unpadded prompt prefix ``(U, Lp)`` (one row per member, in the caller's members
+        block) and keep its keys and values for the rows that continue from it (``rows (R,)``)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        self.model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        return SharedPrefix([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], rows)
+
+    def prefill(self, cache: SlotKVCache, rows: list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                prefix: SharedPrefix | None = None):
+        """Left-padded prompts ``(R, T)`` into slots ``rows`` -> last-position logits ``(R, V)``.
+
+        With ``prefix`` (``run_prefix``), ``input_ids`` are the prompts after that shared prefix:
+        every row attends to its prefix (positions ``0..Lp-1``) and then to its own tokens."""
         R, T = input_ids.shape
-        if T > cache.max_len:
-            raise ValueError(f"prompt length {T} exceeds the cache length {cache.max_len}")
+        Lp = prefix.length if prefix is not None else 0
+        if Lp + T > cache.max_len:
+            raise ValueError(f"prompt length {Lp + T} exceeds the cache length {cache.max_len}")
+        device = input_ids.device
         keys_ok = attention_mask.bool()  # (R, T)
-        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
         # a padding query sees itself, so no row of the mask is empty (no NaN in the cached pads)
-        allowed = (causal & keys_ok[:, None, :]) | torch.eye(T, dtype=torch.bool, device=input_ids.device)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (R, T)
-        idx = torch.as_tensor(rows, dtype=torch.long, device=input_ids.device)
-        cache.prefill_rows = idx
+        allowed = (causal & keys_ok[:, None, :]) | torch.eye(T, dtype=torch.bool, device=device)  # (R, T, T)
+        if Lp:
+            allowed = torch.cat([torch.ones(R, T, Lp, dtype=torch.bool, device=device), allowed], dim=2)
+        position_ids = Lp + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (R, T)
+        idx = torch.as_tensor(rows, dtype=torch.long, device=device)
+        cache.prefill_rows, cache.prefill_prefix = idx, prefix
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         # logits_to_keep slices the last position out of (R, T, C); on CPU a linear layer on that
         # non-contiguous (R, 1, C) slice runs as a broadcast bmm over R copies of the head weight
@@ -180,16 +218,17 @@ class HFCausalLMAdapter:
             out = self.model(input_ids=input_ids, attention_mask=self._mask(allowed), position_ids=position_ids,
                              use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
         finally:
-            cache.prefill_rows = None
+            cache.prefill_rows = cache.prefill_prefix = None
             if handle is not None:
                 handle.remove()
         cache.valid[idx] = False
-        cache.valid[idx, :T] = keys_ok
-        cache.write_pos[idx] = T
+        cache.valid[idx, :Lp] = True
+        cache.valid[idx, Lp:Lp + T] = keys_ok
+        cache.write_pos[idx] = Lp + T
         cache.position[idx] = position_ids[:, -1] + 1
         cache.live[idx] = True
         for r in rows:
-            cache.write_pos_host[r], cache.live_host[r] = T, True
+            cache.write_pos_host[r], cache.live_host[r] = Lp + T, True
         return out.logits[:, -1]
 
     def decode(self, cache: SlotKVCache, tokens: torch.Tensor, step=None) -> torch.Tensor:

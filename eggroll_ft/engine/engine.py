@@ -16,6 +16,7 @@ completion does not depend on the slot or batch it ran in. A row finishes on an 
 """
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -56,7 +57,8 @@ class PopulationEngine:
     def __init__(self, model, population=None, eos_token_ids=(), pad_token_id: int = 0,
                  max_sequences_in_flight: int | None = None, tokenizer=None, stop_strings=None,
                  memory_budget_bytes: int | None = None, continuous_batching: bool = True,
-                 refill_fraction: float = 0.0, compile_decode=False, static_len_multiple: int = 64):
+                 refill_fraction: float = 0.0, compile_decode=False, static_len_multiple: int = 64,
+                 share_prompt_prefix: bool = True):
         """``max_sequences_in_flight``: slot count ``S`` (default: from ``memory_budget_bytes``,
         else all jobs at once). ``memory_budget_bytes``: bytes the slots' state and per-slot working
         memory may use (see ``slot_bytes``). ``continuous_batching=False`` refills only when every
@@ -71,7 +73,13 @@ class PopulationEngine:
         compaction at the tail, and the population gathers factors row by row, so one compiled
         step serves every decode step of every call with the same slot count and length
         (recurrent models: the step writes the new state into the slots' buffers in place).
-        Prefill and sampling stay eager."""
+        Prefill and sampling stay eager.
+
+        ``share_prompt_prefix``: when the prompts of a call start with the same tokens (a chat
+        template's system prompt, an instruction), each prefill computes that prefix once per
+        member and lets the member's rows continue from it (adapters with ``run_prefix``: the
+        transformers adapter). Rows that share a member share its perturbed weights, so the
+        prefix's keys and values are the same for all of them."""
         if max_sequences_in_flight is not None and max_sequences_in_flight < 1:
             raise ValueError(f"max_sequences_in_flight={max_sequences_in_flight} must be >= 1")
         if memory_budget_bytes is not None and memory_budget_bytes <= 0:
@@ -102,6 +110,7 @@ class PopulationEngine:
             raise ValueError(f"static_len_multiple={static_len_multiple} must be >= 1")
         self.compile_decode = compile_decode
         self.static_len_multiple = static_len_multiple
+        self.share_prompt_prefix = share_prompt_prefix
         self._compiled_step = None
 
     @property
@@ -211,6 +220,7 @@ class PopulationEngine:
         eos = set(self.eos_token_ids)
         next_job = 0
         logits = None
+        prefix_ids = self._shared_prefix(prompts, device)  # (1, Lp) or None
 
         def refill(free: list[int]):
             nonlocal next_job, logits
@@ -224,14 +234,23 @@ class PopulationEngine:
             slot_pos[rows] = 0
             for s, j in zip(take, job_idx):
                 slot_job[s] = j
-            T = max(len(prompts[j]) for j in job_idx)
+            members, prefix, skip = jobs["member"][jidx], None, 0
+            if prefix_ids is not None:
+                unique, inverse = torch.unique(members, return_inverse=True)
+                if len(unique) < len(take):  # some member answers several of these prompts
+                    with self._members_ctx(unique):
+                        prefix = adapter.run_prefix(prefix_ids.expand(len(unique), -1), inverse)
+                    skip = prefix.length
+            T = max(len(prompts[j]) for j in job_idx) - skip
             ids = torch.full((len(take), T), self.pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(take), T), dtype=torch.long)
             for b, j in enumerate(job_idx):  # left padding
-                ids[b, T - len(prompts[j]):] = torch.as_tensor(prompts[j], dtype=torch.long)
-                mask[b, T - len(prompts[j]):] = 1
-            with self._members_ctx(jobs["member"][jidx]):
-                new = adapter.prefill(state, take, ids.to(device), mask.to(device))  # (R, V)
+                p = prompts[j][skip:]
+                ids[b, T - len(p):] = torch.as_tensor(p, dtype=torch.long)
+                mask[b, T - len(p):] = 1
+            with self._members_ctx(members):
+                kw = {"prefix": prefix} if prefix is not None else {}
+                new = adapter.prefill(state, take, ids.to(device), mask.to(device), **kw)  # (R, V)
             if logits is None:
                 logits = new.new_zeros(S, new.shape[-1])
             logits[rows] = new.to(logits.dtype)
@@ -279,6 +298,19 @@ class PopulationEngine:
                 slot_pos, logits = slot_pos[keep], logits[keep]
                 slot_job = [slot_job[s] for s in live]
         return GenerationOutput(out, reasons)
+
+    MIN_SHARED_PREFIX = 4  # tokens; a shorter common prefix is not worth a second forward
+
+    def _shared_prefix(self, prompts: list[list[int]], device) -> torch.Tensor | None:
+        """The tokens every prompt starts with, leaving each prompt at least one token of its own
+        (``(1, Lp)``), or None when sharing is off, unsupported or the prefix is short."""
+        if not self.share_prompt_prefix or not hasattr(self.adapter, "run_prefix") or len(prompts) < 2:
+            return None
+        common = os.path.commonprefix([list(p) for p in prompts])  # elementwise, for any sequences
+        common = common[: min(len(p) for p in prompts) - 1]
+        if len(common) < self.MIN_SHARED_PREFIX:
+            return None
+        return torch.tensor([common], dtype=torch.long, device=device)
 
     def _hits_stop(self, completion: list[int]) -> bool:
         text = self.tokenizer.decode(completion[-self._stop_window:])
