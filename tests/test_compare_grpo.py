@@ -158,19 +158,29 @@ def test_shipped_configs_parse_and_build_method_configs(name, tmp_path):
     GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", **a.grpo)
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "scripts" / "configs" / "compare_grpo_tuning").glob("*.yaml")),
-                         ids=lambda p: p.stem)
+TUNING = sorted((ROOT / "scripts" / "configs" / "compare_grpo_tuning").glob("*.yaml")) + \
+    sorted((ROOT / "scripts" / "configs" / "smollm2_tuning").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", TUNING, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_tuning_configs_parse_and_score_on_validation_problems(path, tmp_path):
-    """The tuning runs quoted in docs/benchmarks.md: valid EggrollConfigs, scored on the validation
-    problems (the sweep's seed), never on the held-out ones the comparison reports."""
-    from trl import TrlParser
+    """The tuning runs quoted in docs/benchmarks.md: valid method configs, scored on the validation
+    problems (Countdown: the sweep's seed; arithmetic: the validation split), never on the held-out
+    ones the comparison reports."""
+    from trl import GRPOConfig, TrlParser
 
     from eggroll_ft import EggrollConfig
 
     (a,) = TrlParser((compare_grpo.CompareArguments,)).parse_args_and_config(["--config", str(path)])
-    assert a.methods == ["eggroll"] and a.eval_seed == a.sweep_eval_seed != compare_grpo.CompareArguments().eval_seed
-    assert f"compare_grpo_tuning/{path.name}" in path.read_text().splitlines()[1]  # its own command
-    EggrollConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **a.eggroll)
+    if a.task == "countdown":
+        assert a.eval_seed == a.sweep_eval_seed != compare_grpo.CompareArguments().eval_seed
+    else:
+        assert a.eval_split == "validation"
+    assert f"{path.parent.name}/{path.name}" in path.read_text().splitlines()[1]  # its own command
+    if "eggroll" in a.methods:
+        EggrollConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **a.eggroll)
+    if "grpo" in a.methods:
+        GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", **a.grpo)
 
 
 def test_bad_arguments_name_the_field():
