@@ -13,6 +13,12 @@ refilled with the next job, so a population larger than ``S`` streams through th
 Sampling is keyed by each job's seed and token position (``sampling.sample_tokens``), so a job's
 completion does not depend on the slot or batch it ran in. A row finishes on an EOS token
 (``"eos"``), on a stop string (``"stop"``), or after ``max_new_tokens`` (``"length"``).
+
+Per decode step the host does little beyond the model call: every slot's end is one tensor
+expression (``END_*`` codes: the newest token's EOS / may-complete-a-stop-string code, looked up
+in a per-vocabulary table, plus the length), the step's tokens, positions and codes come to the
+host in one copy, and only the slots with a nonzero code are looked at in Python; of those, only
+the rows whose token may complete a stop string are decoded (``stops.StopStrings``).
 """
 from __future__ import annotations
 
