@@ -96,6 +96,16 @@ def test_mask_selects_tokens_that_can_end_the_stop_string(tokenizers_):
     assert StopStrings(wp, ["don"]).may_end(len(wp))[wp.convert_tokens_to_ids("t")]
 
 
+def test_stop_strings_are_checked(tokenizers_):
+    char = tokenizers_["char"]
+    with pytest.raises(ValueError, match="stop_strings='</answer>' must be a list of strings, not a string"):
+        StopStrings(char, "</answer>")
+    with pytest.raises(ValueError, match=r"stop_strings=\['a', ''\] must be non-empty strings"):
+        StopStrings(char, ["a", ""])
+    with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
+        StopStrings(None, ["a"])
+
+
 def _pieces(tok, rng: random.Random, snippets: list[str]) -> list[int]:
     """A random token sequence that writes the snippets with varied token boundaries: some pieces
     encoded whole, some character by character, some byte by byte (byte-level tokenizers), and

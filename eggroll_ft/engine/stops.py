@@ -49,6 +49,8 @@ class StopStrings:
     """The stop strings of an engine and the tokenizer that decodes completions."""
 
     def __init__(self, tokenizer, stop_strings):
+        if isinstance(stop_strings, str):  # list("</answer>") would stop on every '<', '/', ...
+            raise ValueError(f"stop_strings={stop_strings!r} must be a list of strings, not a string")
         self.strings = list(stop_strings or [])
         if self.strings and tokenizer is None:
             raise ValueError("stop_strings need a tokenizer to decode completions")
