@@ -231,6 +231,140 @@ def memory(args) -> dict:
     return {"infer_peak_mib": infer / 2**20, "train_step_peak_mib": train / 2**20, "train_over_infer": train / infer}
 
 
+# ---- host work per decode step (issue 21): stop strings, EOS / length ends, slot bookkeeping ---------
+def host_overhead(args) -> dict:
+    """ms per decode step at ``--host-slots`` slots on ``tiny_llama(hidden=32, layers=1)`` with the
+    character tokenizer (the forward costs little, so the engine's own work shows), plain and
+    population (row b = member b), without and with ``stop_strings=["</answer>"]``; and the share
+    of a step that is host work: what the step spends outside the adapter's prefill and decode calls
+    (the model forward with the adapter's own cache bookkeeping) and the sampling. A step is (time of ``max_new_tokens=T`` - time of
+    ``max_new_tokens=1``) / (T - 1), in CPU time of this process (``time.process_time``: robust to
+    other processes on the same core); medians over interleaved repetitions. Then the stop check's
+    per-row cost with a real byte-level BPE tokenizer (``--host-tokenizer``)."""
+    import eggroll_ft.engine.engine as engine_module
+    from eggroll_ft import NoiseConfig, Population
+    from eggroll_ft.engine import PopulationEngine, SamplingParams, sample_tokens
+    from eggroll_ft.testing import char_tokenizer, tiny_llama
+
+    tok = char_tokenizer()
+    model = tiny_llama(len(tok), hidden=32, layers=1)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    S, T = args.host_slots, args.host_new_tokens
+    pop = Population(model, NoiseConfig(seed=0, rank=1), S, sigma=1e-3)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(4, len(tok), (args.prompt_len,), generator=g).tolist() for _ in range(S)]
+    greedy = SamplingParams(greedy=True)
+    # in this order, so each kind's pair (without, with stop strings) runs back to back
+    cases = {(kind, stops): PopulationEngine(model, pop if kind == "population" else None, tokenizer=tok,
+                                             stop_strings=stops and ["</answer>"], max_sequences_in_flight=S)
+             for kind in ("plain", "population") for stops in (False, True)}
+    spent = {}  # seconds in the adapter's prefill and decode calls and in sampling, during one call
+
+    def timed(fn):
+        def wrapper(*a, **kw):
+            t0 = time.process_time()
+            out = fn(*a, **kw)
+            spent[fn.__name__] += time.process_time() - t0
+            return out
+        return wrapper
+
+    for eng in cases.values():
+        eng.adapter.prefill, eng.adapter.decode = timed(eng.adapter.prefill), timed(eng.adapter.decode)
+    engine_module.sample_tokens = timed(sample_tokens)  # the name the engine calls; restored below
+    step_s, host_s = {case: [] for case in cases}, {case: [] for case in cases}
+    try:
+        for rep in range(args.reps + 1):  # rep 0 warms up (allocator, the stop mask)
+            for case, eng in cases.items() if rep % 2 else reversed(cases.items()):
+                members = torch.arange(S) if case[0] == "population" else -1
+                total, outside = {}, {}  # per length: the call; the call outside model and sampling
+                for n in (1, T):
+                    spent.update(prefill=0.0, decode=0.0, sample_tokens=0.0)
+                    t0 = time.process_time()
+                    out = eng.generate(prompts, members, max_new_tokens=n, sampling=greedy)
+                    total[n] = time.process_time() - t0
+                    outside[n] = total[n] - sum(spent.values())
+                    assert sum(out.lengths) == S * n, "a row stopped early: the table needs full-length rows"
+                if rep:
+                    step_s[case].append((total[T] - total[1]) / (T - 1))
+                    host_s[case].append((outside[T] - outside[1]) / (T - 1))
+    finally:
+        engine_module.sample_tokens = sample_tokens
+    table = {}
+    for case in cases:
+        step, host = statistics.median(step_s[case]) * 1e3, statistics.median(host_s[case]) * 1e3
+        table[f"{case[0]}{' + stop' if case[1] else ''}"] = {"ms_per_step": step, "host_ms_per_step": host,
+                                                            "host_share": host / step}
+    for kind in ("plain", "population"):  # each repetition's pair, run back to back
+        table[f"{kind}: stop / no stop"] = statistics.median(
+            a / b for a, b in zip(step_s[kind, True], step_s[kind, False]))
+        # the same ratio from the host work alone (the model and sampling do the same work in both):
+        # steadier on a shared core, where whole steps vary more than the difference
+        table[f"{kind}: stop / no stop, from host work"] = 1 + statistics.median(
+            a - b for a, b in zip(host_s[kind, True], host_s[kind, False])) / statistics.median(step_s[kind, False])
+    print(f"ms per decode step (host work, its share), {S} slots, {T} new tokens, CPU time, medians of {args.reps}:")
+    print("| | without stop strings | with stop_strings=['</answer>'] | stop / no stop (from host work) |")
+    print("| --- | --- | --- | --- |")
+    for kind in ("plain", "population"):
+        a, b = table[kind], table[kind + " + stop"]
+        print(f"| {kind} | {a['ms_per_step']:.2f} (host {a['host_ms_per_step']:.2f}, {a['host_share']:.0%}) "
+              f"| {b['ms_per_step']:.2f} (host {b['host_ms_per_step']:.2f}, {b['host_share']:.0%}) "
+              f"| {table[kind + ': stop / no stop']:.2f} ({table[kind + ': stop / no stop, from host work']:.2f}) |",
+              flush=True)
+    return {"host_overhead": table,
+            "stop_check_per_row": stop_check_cost(args.host_tokenizer, args.reps)}
+
+
+def stop_check_cost(path: str | None, reps: int) -> dict | None:
+    """Per-row cost of the stop check with a real tokenizer (``AutoTokenizer`` at ``path``): one
+    ``tokenizer.decode`` of a 40-token tail (what a checked row costs; before, every live row paid
+    it every step), a ``DecodeStream.step`` (what an incremental decoder costs per row and token),
+    and the share of tokens of a Countdown-style completion that the stop mask selects. CPU time,
+    best of ``reps``."""
+    if not path:
+        return None
+    from transformers import AutoTokenizer
+
+    from eggroll_ft.engine.stops import StopStrings
+
+    tk = AutoTokenizer.from_pretrained(path)
+    text = ("<think>\nWe need 24 from 3, 5, 7 and 9. Try (9 - 7) * (5 + 3) = 2 * 8 = 16, too small. "
+            "Then 3 * 5 + 9 = 24, and 7 is left over... (7 - 5) * 9 + 3 = 21. Try 9 * 3 - 7 + 5 - 1.\n"
+            "</think>\n<answer> (9 - 5) * (7 - 3) + 8 </answer>") * 4
+    ids = tk(text, add_special_tokens=False)["input_ids"]
+    stops = StopStrings(tk, ["</answer>"])
+    t0 = time.process_time()
+    mask = stops.may_end(len(tk))
+    build_s = time.process_time() - t0
+    tails = [ids[max(0, i - stops.window):i] for i in range(1, len(ids) + 1)]
+    res = {"tokenizer": path, "mask_build_s": build_s, "mask_share_of_vocab": mask.float().mean().item(),
+           "mask_share_of_completion_tokens": mask[ids].float().mean().item(), "tail_tokens": stops.window}
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.process_time()
+        for t in tails:
+            tk.decode(t)
+        best = min(best, (time.process_time() - t0) / len(tails))
+    res["decode_tail_us"] = best * 1e6
+    try:
+        from tokenizers.decoders import DecodeStream
+    except ImportError:
+        return res
+    best = float("inf")
+    for _ in range(reps):
+        stream = DecodeStream(skip_special_tokens=False)
+        t0 = time.process_time()
+        for t in ids:
+            stream.step(tk.backend_tokenizer, t)
+        best = min(best, (time.process_time() - t0) / len(ids))
+    res["decode_stream_step_us"] = best * 1e6
+    share = res["mask_share_of_completion_tokens"]
+    res["per_step_ms_at_1024_rows"] = {"every_row_decoded": 1024 * res["decode_tail_us"] / 1e3,
+                                       "masked_rows_decoded": 1024 * share * res["decode_tail_us"] / 1e3,
+                                       "decode_stream_every_row": 1024 * res["decode_stream_step_us"] / 1e3}
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -256,11 +390,19 @@ def main():
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--memory-only", action="store_true")
     ap.add_argument("--memory-child", choices=["infer", "train"], help=argparse.SUPPRESS)
+    ap.add_argument("--host-overhead", action="store_true",
+                    help="only the host work per decode step (stop strings, ends, slots): see host_overhead")
+    ap.add_argument("--host-slots", type=int, default=1024, help="--host-overhead: slots (= jobs)")
+    ap.add_argument("--host-new-tokens", type=int, default=32, help="--host-overhead: new tokens per job")
+    ap.add_argument("--host-tokenizer", default=None,
+                    help="--host-overhead: a local Hugging Face tokenizer for the per-row stop-check cost")
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     if args.memory_child:
         return memory_child(args)
+    if args.host_overhead:
+        return print(json.dumps(host_overhead(args), indent=1))
     result = {} if args.memory_only else throughput(args)
     if not args.skip_memory:
         result["memory"] = memory(args)

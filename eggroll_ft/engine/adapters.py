@@ -126,8 +126,10 @@ class SlotKVCache(Cache):
         self.position = torch.zeros(num_slots, dtype=torch.long, device=device)  # (S,)
         self.valid = torch.zeros(num_slots, max_len, dtype=torch.bool, device=device)  # (S, L)
         self.live = torch.zeros(num_slots, dtype=torch.bool, device=device)  # (S,)
-        self.write_pos_host = [0] * num_slots  # mirrors write_pos and live, so kv_len needs no device sync
-        self.live_host = [False] * num_slots
+        # host mirrors of write_pos and live (CPU tensors: one vectorised update a step), so kv_len
+        # needs no device sync
+        self.write_pos_host = torch.zeros(num_slots, dtype=torch.long)
+        self.live_host = torch.zeros(num_slots, dtype=torch.long)
         if static:
             self.kv_len = max_len
             for t in (self.arange, self.write_pos, self.position, self.valid, self.live):
@@ -145,8 +147,7 @@ class SlotKVCache(Cache):
         self.arange = torch.arange(self.num_slots, device=idx.device)
         self.write_pos, self.position = self.write_pos[idx], self.position[idx]
         self.valid, self.live = self.valid[idx], self.live[idx]
-        self.write_pos_host = [self.write_pos_host[k] for k in keep]
-        self.live_host = [self.live_host[k] for k in keep]
+        self.write_pos_host, self.live_host = self.write_pos_host[keep], self.live_host[keep]
 
 
 class HFCausalLMAdapter:
@@ -227,8 +228,7 @@ class HFCausalLMAdapter:
         cache.write_pos[idx] = Lp + T
         cache.position[idx] = position_ids[:, -1] + 1
         cache.live[idx] = True
-        for r in rows:
-            cache.write_pos_host[r], cache.live_host[r] = Lp + T, True
+        cache.write_pos_host[rows], cache.live_host[rows] = Lp + T, 1
         return out.logits[:, -1]
 
     def decode(self, cache: SlotKVCache, tokens: torch.Tensor, step=None) -> torch.Tensor:
@@ -236,12 +236,13 @@ class HFCausalLMAdapter:
 
         The host-side bookkeeping is here; the tensor work is ``decode_step`` (or ``step``, a
         compiled version of it)."""
-        if max(cache.write_pos_host) >= cache.max_len:
+        top = int(cache.write_pos_host.max())
+        if top >= cache.max_len:
             raise RuntimeError(f"slot cache of length {cache.max_len} is full")
         if not cache.static:
-            cache.kv_len = max(cache.write_pos_host) + 1
+            cache.kv_len = top + 1
         logits = (step or self.decode_step)(cache, tokens)
-        cache.write_pos_host = [w + live for w, live in zip(cache.write_pos_host, cache.live_host)]
+        cache.write_pos_host += cache.live_host
         return logits
 
     def decode_step(self, cache: SlotKVCache, tokens: torch.Tensor) -> torch.Tensor:
@@ -262,8 +263,7 @@ class HFCausalLMAdapter:
         cache.write_pos[idx] = 0
         cache.position[idx] = 0
         cache.live[idx] = False
-        for r in rows:
-            cache.write_pos_host[r], cache.live_host[r] = 0, False
+        cache.write_pos_host[rows], cache.live_host[rows] = 0, 0
 
     def compact(self, cache: SlotKVCache, keep: list[int]) -> SlotKVCache:
         cache.select(keep)

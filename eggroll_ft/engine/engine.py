@@ -13,6 +13,12 @@ refilled with the next job, so a population larger than ``S`` streams through th
 Sampling is keyed by each job's seed and token position (``sampling.sample_tokens``), so a job's
 completion does not depend on the slot or batch it ran in. A row finishes on an EOS token
 (``"eos"``), on a stop string (``"stop"``), or after ``max_new_tokens`` (``"length"``).
+
+Per decode step the host does little beyond the model call: every slot's end is one tensor
+expression (``END_*`` codes: the newest token's EOS / may-complete-a-stop-string code, looked up
+in a per-vocabulary table, plus the length), the step's tokens, positions and codes come to the
+host in one copy, and only the slots with a nonzero code are looked at in Python; of those, only
+the rows whose token may complete a stop string are decoded (``stops.StopStrings``).
 """
 from __future__ import annotations
 
@@ -23,9 +29,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapters import adapter_for
-from .sampling import SamplingParams, sample_tokens
+from .sampling import SamplingParams, sample_tokens, sampling_filters
+from .stops import StopStrings
 
 FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
+# what a slot's newest token means this step, as bits of one small integer per slot
+END_EOS, END_LENGTH, END_MAY_STOP = 1, 2, 4
 
 
 @dataclass
@@ -95,14 +104,10 @@ class PopulationEngine:
         self.memory_budget_bytes = memory_budget_bytes
         self.continuous_batching = continuous_batching
         self.refill_fraction = refill_fraction
-        self.stop_strings = list(stop_strings or [])
-        if self.stop_strings and tokenizer is None:
-            raise ValueError("stop_strings need a tokenizer to decode completions")
-        if any(not isinstance(s, str) or not s for s in self.stop_strings):
-            raise ValueError(f"stop_strings={self.stop_strings!r} must be non-empty strings")
+        self._stops = StopStrings(tokenizer, stop_strings)
+        self.stop_strings = self._stops.strings
         self.tokenizer = tokenizer
-        # a new stop string ends inside the last few tokens: a token decodes to >= 1 byte, a char to <= 4 bytes
-        self._stop_window = 4 * max((len(s) for s in self.stop_strings), default=0) + 4
+        self._ends_on = None  # (vocab size, device, (V,) end codes of each token), built on first use
         self.last_num_slots = 0  # slot count of the last generate call (for logs and benchmarks)
         if not isinstance(compile_decode, (bool, dict)):
             raise ValueError(f"compile_decode={compile_decode!r} must be a bool or a dict of torch.compile arguments")
@@ -202,6 +207,17 @@ class PopulationEngine:
                 self._compiled_step = compiled
         return self._compiled_step
 
+    def _end_codes(self, vocab_size: int, device) -> torch.Tensor:
+        """``(V,)`` long: ``END_EOS`` for EOS tokens, ``END_MAY_STOP`` for tokens that may complete a
+        stop string (``StopStrings.may_end``), 0 otherwise."""
+        if self._ends_on is None or self._ends_on[:2] != (vocab_size, device):
+            codes = torch.zeros(vocab_size, dtype=torch.long)
+            if self._stops:
+                codes[self._stops.may_end(vocab_size)] = END_MAY_STOP
+            codes[[e for e in self.eos_token_ids if 0 <= e < vocab_size]] = END_EOS  # EOS ends first
+            self._ends_on = (vocab_size, device, codes.to(device))
+        return self._ends_on[2]
+
     def _run(self, prompts, jobs, max_new_tokens, S, max_len) -> GenerationOutput:
         device, J = self.device, len(prompts)
         jobs = {k: v.to(device) for k, v in jobs.items()}
@@ -212,26 +228,36 @@ class PopulationEngine:
         step = self._step_fn()
         factor_dtype = next(self.model.parameters()).dtype  # the hooks' activations (static: gathered before each step)
         slot_job = [-1] * S  # job of each slot, -1 when free
+        free = list(range(S))  # the free slots
         slot = {k: v[:1].expand(S).clone() for k, v in jobs.items()}  # per-slot copies of the job fields
         slot["member"].fill_(-1)
-        slot_pos = torch.zeros(S, dtype=torch.long, device=device)  # sampling position of each slot
+        slot_pos = torch.zeros(S, dtype=torch.long, device=device)  # sampling position = tokens so far
+        live = torch.zeros(S, dtype=torch.bool, device=device)
+        hist = torch.zeros(S, max_new_tokens, dtype=torch.long)  # host copy of each slot's tokens so far
         out: list[list[int]] = [[] for _ in range(J)]
         reasons = [FINISH_LENGTH] * J
-        eos = set(self.eos_token_ids)
-        next_job = 0
+        n_live, next_job = 0, 0
         logits = None
         prefix_ids = self._shared_prefix(prompts, device)  # (1, Lp) or None
+        flags = {}  # sample_tokens' all_greedy / any_filter over the slots: they change on refills only
 
-        def refill(free: list[int]):
-            nonlocal next_job, logits
+        def set_flags():
+            flags.update(all_greedy=bool(slot["greedy"].all()), any_filter=sampling_filters(slot["top_k"], slot["top_p"]))
+
+        def refill():
+            nonlocal next_job, logits, n_live
+            free.sort()  # lowest slots first, as the slots were first filled
             take = free[: J - next_job]
+            del free[: len(take)]
             job_idx = list(range(next_job, next_job + len(take)))
             next_job += len(take)
+            n_live += len(take)
             rows = torch.tensor(take, device=device)
             jidx = torch.tensor(job_idx, device=device)
             for k in slot:  # in place: the members tensor's version tells the population to regather
                 slot[k][rows] = jobs[k][jidx]
             slot_pos[rows] = 0
+            live[rows] = True
             for s, j in zip(take, job_idx):
                 slot_job[s] = j
             members, prefix, skip = jobs["member"][jidx], None, 0
@@ -254,49 +280,50 @@ class PopulationEngine:
             if logits is None:
                 logits = new.new_zeros(S, new.shape[-1])
             logits[rows] = new.to(logits.dtype)
+            set_flags()
 
-        refill(list(range(S)))
+        refill()
+        end_codes = self._end_codes(logits.shape[-1], device)  # (V,)
+        cols = torch.arange(S)
         while True:
             tok = sample_tokens(logits, slot["seed"], slot_pos, slot["temperature"], slot["top_k"],
-                                slot["top_p"], slot["greedy"])  # (S,)
+                                slot["top_p"], slot["greedy"], **flags)  # (S,)
             slot_pos += 1
-            finished = []
-            for s, t in enumerate(tok.tolist()):
-                j = slot_job[s]
-                if j < 0:
-                    continue
-                out[j].append(t)
-                if t in eos:
-                    reasons[j] = FINISH_EOS
-                elif self.stop_strings and self._hits_stop(out[j]):
-                    reasons[j] = FINISH_STOP
-                elif len(out[j]) < max_new_tokens:
-                    continue
-                finished.append(s)
-            for s in finished:
-                slot_job[s] = -1
-            live = [s for s in range(len(slot_job)) if slot_job[s] >= 0]
-            if not live and next_job >= J:
+            # every slot's end as one expression; free slots get 0
+            code = (end_codes[tok] + (slot_pos >= max_new_tokens) * END_LENGTH) * live  # (S,)
+            tok_h, pos_h, code_h = torch.stack((tok, slot_pos, code)).cpu()  # the step's one host sync
+            hist[cols, (pos_h - 1).clamp_(max=max_new_tokens - 1)] = tok_h  # free slots: scratch
+            rows = code_h.nonzero().flatten()
+            finished = self._finish(rows.tolist(), code_h[rows].tolist(), pos_h[rows].tolist(), hist,
+                                    slot_job, out, reasons) if len(rows) else []
+            if finished:
+                live[torch.tensor(finished, device=device)] = False
+                n_live -= len(finished)
+                free.extend(finished)
+            if not n_live and next_job >= J:
                 break
-            if live:
+            if n_live:
                 with self._members_ctx(slot["member"]):
                     if static and self.population is not None:
                         self.population.gather_rows(factor_dtype)  # the captured hooks only read them
                     logits = adapter.decode(state, tok, step=step)  # (S, V)
             if finished:
                 adapter.release(state, finished)
-            free = [s for s in range(len(slot_job)) if slot_job[s] < 0]
             if next_job < J and free:
                 enough = len(free) >= max(1, int(self.refill_fraction * len(slot_job)))
-                if not live or (self.continuous_batching and enough):
-                    refill(free)
-            elif not static and next_job >= J and len(live) <= len(slot_job) // 2:
+                if not n_live or (self.continuous_batching and enough):
+                    refill()
+            elif not static and next_job >= J and n_live <= len(slot_job) // 2:
                 # the queue is empty: shrink to the live slots so the tail decodes a smaller batch
-                state = adapter.compact(state, live)
-                keep = torch.tensor(live, device=device)
+                kept = [s for s, j in enumerate(slot_job) if j >= 0]
+                state = adapter.compact(state, kept)
+                keep = torch.tensor(kept, device=device)
                 slot = {k: v[keep] for k, v in slot.items()}
-                slot_pos, logits = slot_pos[keep], logits[keep]
-                slot_job = [slot_job[s] for s in live]
+                slot_pos, logits, live = slot_pos[keep], logits[keep], live[keep]
+                hist, cols = hist[kept], torch.arange(len(kept))
+                slot_job = [slot_job[s] for s in kept]
+                free.clear()
+                set_flags()
         return GenerationOutput(out, reasons)
 
     MIN_SHARED_PREFIX = 4  # tokens; a shorter common prefix is not worth a second forward
@@ -312,6 +339,20 @@ class PopulationEngine:
             return None
         return torch.tensor([common], dtype=torch.long, device=device)
 
-    def _hits_stop(self, completion: list[int]) -> bool:
-        text = self.tokenizer.decode(completion[-self._stop_window:])
-        return any(s in text for s in self.stop_strings)
+    def _finish(self, rows: list[int], codes: list[int], lengths: list[int], hist: torch.Tensor,
+                slot_job: list[int], out: list[list[int]], reasons: list[str]) -> list[int]:
+        """The slots among ``rows`` (with their end codes and token counts) whose job ends this step:
+        on EOS, else on a stop string (decoding only the rows whose newest token may complete one),
+        else at ``max_new_tokens``. Writes the jobs' completions and finish reasons."""
+        maybe = [i for i, c in enumerate(codes) if c & END_MAY_STOP and not c & END_EOS]
+        W = self._stops.window
+        hit = self._stops.hits([hist[rows[i], max(0, lengths[i] - W):lengths[i]].tolist() for i in maybe])
+        stopped = {rows[i] for i, h in zip(maybe, hit) if h}
+        ended = [i for i, (s, c) in enumerate(zip(rows, codes)) if c & (END_EOS | END_LENGTH) or s in stopped]
+        tokens = hist[[rows[i] for i in ended]].tolist()  # one conversion for all of them
+        for i, toks in zip(ended, tokens):
+            s, c, j = rows[i], codes[i], slot_job[rows[i]]
+            out[j] = toks[:lengths[i]]
+            reasons[j] = FINISH_EOS if c & END_EOS else FINISH_STOP if s in stopped else FINISH_LENGTH
+            slot_job[s] = -1
+        return [rows[i] for i in ended]

@@ -42,17 +42,26 @@ def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int)
     return (_srl(h, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
+def sampling_filters(top_k: torch.Tensor, top_p: torch.Tensor) -> bool:
+    """Does any row mask its logits with top-k or top-p?"""
+    return bool((top_k > 0).any()) or bool((top_p < 1).any())
+
+
 def sample_tokens(logits: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
                   temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  greedy: torch.Tensor) -> torch.Tensor:
-    """Next token per row. logits ``(B, V)``; every other argument ``(B,)``. Returns ``(B,)`` long."""
+                  greedy: torch.Tensor, all_greedy: bool | None = None, any_filter: bool | None = None) -> torch.Tensor:
+    """Next token per row. logits ``(B, V)``; every other argument ``(B,)``. Returns ``(B,)`` long.
+
+    ``all_greedy`` (``greedy.all()``) and ``any_filter`` (any row with top-k or top-p) may be given
+    by a caller that knows them, such as the engine, whose rows change parameters only on refills:
+    computed here, each is a host sync."""
     logits = logits.float()
     best = logits.argmax(dim=-1)
-    if bool(greedy.all()):
+    if bool(greedy.all()) if all_greedy is None else all_greedy:
         return best
     B, V = logits.shape
     scaled = logits / temperature.to(logits)[:, None]
-    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+    if sampling_filters(top_k, top_p) if any_filter is None else any_filter:
         sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
         rank = torch.arange(V, device=logits.device)[None, :]
         k = torch.where(top_k > 0, top_k, V).to(logits.device)[:, None]
