@@ -38,7 +38,7 @@ from .distributed import (check_replicas_equal, default_chunk_size, destroy_proc
 from .engine import PopulationEngine, SamplingParams
 from .es_update import apply_es_update, is_plain_sgd
 from .models.loading import load_causal_lm, load_tokenizer
-from .noise import NoiseConfig, _splitmix64, stream_key
+from .noise import NoiseConfig, job_seed, stream_key
 from .population import Population
 from .reward_funcs import call_reward_funcs, combine_rewards, resolve_reward_func, reward_func_name
 from .shaping import shape_fitness
@@ -231,9 +231,7 @@ class EggrollTrainer(Trainer):
     def _job_seeds(self, members: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
         """Sampling seed of each (member, prompt) job. Antithetic partners share it (common random
         numbers), so a pair differs only by the sign of its perturbation."""
-        noise_idx = self.population.noise.noise_index(members)
-        key = stream_key(self.args.seed, "sampling", self.state.global_step)
-        return _splitmix64(torch.tensor(key) ^ (noise_idx * 1_000_003 + prompt_index))
+        return job_seed(self.args.seed, self.state.global_step, self.population.noise.noise_index(members), prompt_index)
 
     def _prompt_texts(self, prompts) -> list[str]:
         tok = self.processing_class
