@@ -35,7 +35,7 @@ from eggroll_ft import EggrollConfig, EggrollTrainer  # noqa: E402
 from eggroll_ft.callbacks import JsonlMetricsCallback  # noqa: E402
 from eggroll_ft.recipe_utils import (RecipeArguments, check_world_size, model_init_kwargs,  # noqa: E402
                                      resolve_model_name, train_and_evaluate)
-from rewards import get_reward_func  # noqa: E402
+import rewards  # noqa: E402,F401  (registers the task rewards)
 from rewards.gsm8k import TEMPLATES, load_gsm8k  # noqa: E402
 
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     trainer = EggrollTrainer(
         model=model_path,
-        reward_funcs=[get_reward_func(name) for name in script_args.reward_funcs],
+        reward_funcs=script_args.reward_funcs,
         args=training_args,
         train_dataset=eval_dataset if script_args.eval_only else train_dataset,
         eval_dataset=eval_dataset,

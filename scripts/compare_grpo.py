@@ -6,7 +6,7 @@
 What makes the comparison fair, top to bottom:
 
 1. Same base model: each method loads a fresh copy from the same checkpoint (default: the tiny
-   character-level Countdown model of ``scripts/make_tiny_base.py``, built into the cache on first use).
+   character-level Countdown model of ``rewards/countdown_base.py``, built into the cache on first use).
 2. Same data and reward: the same generated training prompts (disjoint from the held-out ones) and
    the same reward functions and weights (``rewards/``) for both trainers.
 3. Same budget: training wall-clock seconds (evaluation time excluded) or completions generated,
@@ -50,7 +50,7 @@ class CompareArguments:
 
     output_dir: str = field(default="runs/compare_grpo", metadata={"help": "Where results.csv, curves.png, summary.md go."})
     model_name_or_path: str = field(default="tiny-countdown-base", metadata={
-        "help": "Base model path; 'tiny-countdown-base' builds/uses scripts/make_tiny_base.py's cached model."})
+        "help": "Base model path or named model; 'tiny-countdown-base' builds/uses the cached tiny Countdown base."})
     methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Methods to run, of {METHODS}."})
     budget_seconds: float = field(default=600.0, metadata={"help": "Training wall-clock budget per method (0 = none)."})
     budget_completions: int = field(default=0, metadata={"help": "Completions-generated budget per method (0 = none)."})
@@ -58,7 +58,7 @@ class CompareArguments:
     num_train: int = field(default=5000, metadata={"help": "Generated training problems."})
     num_eval: int = field(default=128, metadata={"help": "Held-out problems scored greedily."})
     dataset_seed: int = field(default=1, metadata={"help": "Seed of the training problems."})
-    eval_seed: int = field(default=1_000_003, metadata={"help": "Seed of the held-out problems (make_tiny_base's held-out set)."})
+    eval_seed: int = field(default=1_000_003, metadata={"help": "Seed of the held-out problems (the tiny base's held-out set)."})
     sweep_eval_seed: int = field(default=2_000_003, metadata={"help": "Seed of the sweep's validation problems."})
     min_numbers: int = field(default=3, metadata={"help": "Fewest numbers per problem."})
     max_numbers: int = field(default=3, metadata={"help": "Most numbers per problem."})
@@ -121,7 +121,7 @@ def run_method(spec: dict) -> None:
 
     from eggroll_ft import EggrollConfig, EggrollTrainer
     from eggroll_ft.compare import BudgetCallback, CountingReward, greedy_accuracy, peak_rss_mb
-    from rewards import get_reward_func
+    from eggroll_ft.reward_funcs import resolve_reward_func
     from rewards.countdown import countdown_reward
 
     a, method, settings, run_dir = CompareArguments(**spec["args"]), spec["method"], spec["settings"], spec["run_dir"]
@@ -129,8 +129,8 @@ def run_method(spec: dict) -> None:
     rss_after_imports = peak_rss_mb()
     train, heldout = datasets_for(a, spec["eval_seed"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
-    counter = CountingReward(get_reward_func(a.reward_funcs[0]))
-    rewards = [counter, *(get_reward_func(r) for r in a.reward_funcs[1:])]
+    counter = CountingReward(resolve_reward_func(a.reward_funcs[0]))
+    rewards = [counter, *(resolve_reward_func(r) for r in a.reward_funcs[1:])]
     common = dict(output_dir=run_dir, max_steps=10**7, logging_steps=1, save_strategy="no", report_to="none",
                   seed=a.seed, use_cpu=True, lr_scheduler_type="constant", disable_tqdm=True,
                   max_completion_length=a.max_completion_length, reward_weights=a.reward_weights)
@@ -273,11 +273,10 @@ def main(argv: list[str] | None = None) -> dict:
     (a,) = TrlParser((CompareArguments,)).parse_args_and_config(argv)
     os.makedirs(a.output_dir, exist_ok=True)
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    model_path = a.model_name_or_path
-    if model_path == "tiny-countdown-base":
-        from scripts.make_tiny_base import ensure_tiny_base
+    import rewards  # noqa: F401  (registers the task rewards and the named model tiny-countdown-base)
+    from eggroll_ft.models.named import resolve_model_name
 
-        model_path = ensure_tiny_base()
+    model_path = resolve_model_name(a.model_name_or_path)  # a named model is built here once, not per method
     settings = {m: getattr(a, m) for m in a.methods}
     if a.sweep:
         settings = run_sweep(a, model_path)

@@ -32,7 +32,8 @@ COUNTDOWN_TINY = ROOT / "recipes" / "configs" / "countdown" / "tiny_cpu.yaml"
 GSM8K_TINY = ROOT / "recipes" / "configs" / "gsm8k" / "tiny_cpu.yaml"
 # A few-second tiny base (the test_tiny_base.py budget): one layer, 32 wide, 40 steps.
 TINY_BASE_ARGS = ["--steps", "40", "--hidden_size", "32", "--num_layers", "1", "--num_heads", "2", "--num_train", "600",
-                  "--num_eval", "8", "--batch_size", "16", "--warmup_steps", "5", "--lr", "1e-2", "--max_new_tokens", "12"]
+                  "--num_eval", "8", "--batch_size", "16", "--warmup_steps", "5", "--learning_rate", "1e-2",
+                  "--max_new_tokens", "12"]
 # Tiny budget for the end-to-end runs: overrides on top of the tiny YAML configs.
 TINY_BUDGET = ["--max_steps", "2", "--eval_steps", "1", "--num_eval", "4", "--population_size", "4",
                "--prompts_per_step", "1", "--num_train", "40", "--logging_steps", "1"]
