@@ -2,8 +2,8 @@
 
 What a recipe needs besides its task: the script arguments every task has (``RecipeArguments``),
 ``ModelConfig`` -> ``from_pretrained`` keyword arguments, a held-out split, tiny offline models
-for smoke runs, a check that the launch gave every process its rank, and the
-evaluate -> train -> evaluate -> save sequence that writes ``eval_results.json``.
+for smoke runs, and the evaluate -> train -> evaluate -> save sequence that writes
+``eval_results.json``. (The launch itself is checked by ``EggrollConfig``.)
 
 Boundary: this module drives an ``EggrollTrainer`` through its public methods (``evaluate``,
 ``train``, ``save_model``); it builds no prompts and computes no reward itself.
@@ -82,22 +82,6 @@ def heldout_split(dataset, num_eval: int, num_train: int | None = None, seed: in
     if len(train) == 0:
         raise ValueError(f"no training rows left after holding out num_eval={num_eval} of {len(dataset)}")
     return train, heldout
-
-
-def check_world_size(args) -> None:
-    """Fail fast when the launcher started several processes but each believes it is alone.
-
-    (``accelerate launch --cpu --num_processes N``, which starts one process, is detected and warned
-    about by ``EggrollTrainer``: ``distributed.warn_if_cpu_multiprocess_ignored``.)
-
-    ``accelerate launch --multi_gpu --num_processes 2`` on a machine without GPUs sets
-    ``WORLD_SIZE=2``, yet ``TrainingArguments`` only joins the gloo group with ``use_cpu=True``;
-    without it every process would silently run the whole job by itself.
-    """
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and args.world_size != launched:
-        raise ValueError(f"WORLD_SIZE={launched} processes were launched but use_cpu={args.use_cpu} gives "
-                         f"world_size={args.world_size}: on a machine without GPUs pass --use_cpu true")
 
 
 def _final_eval(trainer) -> dict:

@@ -34,7 +34,7 @@ from trl import ModelConfig, TrlParser, get_peft_config  # noqa: E402
 
 from eggroll_ft import EggrollConfig, EggrollTrainer  # noqa: E402
 from eggroll_ft.callbacks import JsonlMetricsCallback  # noqa: E402
-from eggroll_ft.recipe_utils import (RecipeArguments, check_world_size, heldout_split, model_init_kwargs,  # noqa: E402
+from eggroll_ft.recipe_utils import (RecipeArguments, heldout_split, model_init_kwargs,  # noqa: E402
                                      resolve_model_name, train_and_evaluate)
 import rewards  # noqa: E402,F401  (registers the task rewards and tiny-countdown-base)
 from rewards.countdown import TEMPLATES, load_countdown, make_countdown_dataset  # noqa: E402
@@ -80,7 +80,6 @@ def build_datasets(script_args: CountdownArguments):
 
 def main(argv: list[str] | None = None) -> dict:
     script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
-    check_world_size(training_args)
     if model_args.model_name_or_path is None:
         raise ValueError("model_name_or_path=None: give a hub id, a local path or 'tiny-countdown-base'")
 

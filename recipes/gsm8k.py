@@ -33,7 +33,7 @@ from trl import ModelConfig, TrlParser, get_peft_config  # noqa: E402
 
 from eggroll_ft import EggrollConfig, EggrollTrainer  # noqa: E402
 from eggroll_ft.callbacks import JsonlMetricsCallback  # noqa: E402
-from eggroll_ft.recipe_utils import (RecipeArguments, check_world_size, model_init_kwargs,  # noqa: E402
+from eggroll_ft.recipe_utils import (RecipeArguments, model_init_kwargs,  # noqa: E402
                                      resolve_model_name, train_and_evaluate)
 import rewards  # noqa: E402,F401  (registers the task rewards)
 from rewards.gsm8k import TEMPLATES, load_gsm8k  # noqa: E402
@@ -74,7 +74,6 @@ def build_datasets(script_args: GSM8KArguments):
 
 def main(argv: list[str] | None = None) -> dict:
     script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
-    check_world_size(training_args)
     if model_args.model_name_or_path is None:
         raise ValueError("model_name_or_path=None: give a hub id, a local path or 'tiny-random-llama'")
 

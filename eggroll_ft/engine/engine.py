@@ -134,12 +134,11 @@ class PopulationEngine:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], members=None, seeds=None, max_new_tokens: int = 64,
-                 sampling: SamplingParams | None = None, temperature=None, top_p=None, top_k=None,
-                 greedy=None) -> GenerationOutput:
-        """Generate one completion per job.
+                 sampling: SamplingParams | None = None) -> GenerationOutput:
+        """Generate one completion per job (the backend contract of ``backend.py``).
 
-        ``members``, ``seeds`` and the per-job sampling overrides (``temperature`` ...) are scalars
-        or ``(J,)`` sequences; members default to -1 (the unperturbed model).
+        ``members`` and ``seeds`` are scalars or ``(J,)`` sequences; members default to -1 (the
+        unperturbed model), seeds to 0.
         """
         J = len(prompt_ids)
         if J == 0:
@@ -152,10 +151,10 @@ class PopulationEngine:
         jobs = {
             "member": _per_job(-1 if members is None else members, J, torch.long),
             "seed": _per_job(0 if seeds is None else seeds, J, torch.long),
-            "temperature": _per_job(sp.temperature if temperature is None else temperature, J, torch.float32),
-            "top_k": _per_job(sp.top_k if top_k is None else top_k, J, torch.long),
-            "top_p": _per_job(sp.top_p if top_p is None else top_p, J, torch.float32),
-            "greedy": _per_job(sp.greedy if greedy is None else greedy, J, torch.bool),
+            "temperature": _per_job(sp.temperature, J, torch.float32),
+            "top_k": _per_job(sp.top_k, J, torch.long),
+            "top_p": _per_job(sp.top_p, J, torch.float32),
+            "greedy": _per_job(sp.greedy, J, torch.bool),
         }
         for name, t in jobs.items():
             if t.numel() != J:
