@@ -51,9 +51,10 @@ def test_training_data_are_correct_canonical_solutions():
     assert rewards == [1.0] * 40
     assert cb.sft_pairs(problems[:1]) == [(format_prompt(problems[0]["nums"], problems[0]["target"], "minimal"),
                                            f"<answer>{problems[0]['solution']}</answer>")]
-    held = {(tuple(p["nums"]), p["target"]) for p in cb.heldout_problems(TINY_DATA.num_eval)}
-    train_set = cb.training_problems(TINY_DATA, seed=0)
-    assert 550 < len(train_set) <= 600 and not held & {(tuple(p["nums"]), p["target"]) for p in train_set}
+    data = cb.CountdownBaseData(num_train=200, num_eval=100)
+    held = {(tuple(p["nums"]), p["target"]) for p in cb.heldout_problems(data.num_eval)}
+    train_set = cb.training_problems(data, seed=0)
+    assert 180 < len(train_set) <= 200 and not held & {(tuple(p["nums"]), p["target"]) for p in train_set}
 
 
 def test_build_saves_loadable_checkpoint_that_generates(built):

@@ -137,22 +137,31 @@ def test_reward_protocol_columns_async_none_and_weights(tmp_path):
         assert key in log, key
 
 
-def test_conversational_prompts_and_log_completions(tmp_path):
-    tok = char_tokenizer(ALPHABET + "<>|")
+def test_conversational_prompts_log_completions_and_trl_accuracy_reward(tmp_path):
+    """Chat prompts go through the chat template, completions come back as messages; TRL's own
+    ``trl.rewards.accuracy_reward`` (math-verify, offline) runs unchanged and fills its log_extra
+    columns in the completions table."""
+    from trl.rewards import accuracy_reward
+
+    tok = char_tokenizer(ALPHABET + "<>|0123456789$")
     tok.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}{% if add_generation_prompt %}|{% endif %}"
-    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": "abc"}], [{"role": "user", "content": "hgf"}]]})
+    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": "abc"}], [{"role": "user", "content": "hgf"}]],
+                            "solution": ["$2$", "$4$"]})
     got = []
 
     def chat_reward(completions, **kwargs):
         got.append(completions[0])
         return [c[-1]["content"].count("a") / 6 for c in completions]
 
-    tr = EggrollTrainer(tiny_llama(len(tok), init_std=0.5), chat_reward, processing_class=tok, train_dataset=ds,
-                        args=_args(tmp_path, max_steps=1, log_completions=True))
+    tr = EggrollTrainer(tiny_llama(len(tok), init_std=0.5), [chat_reward, accuracy_reward], processing_class=tok,
+                        train_dataset=ds, args=_args(tmp_path, max_steps=1, log_completions=True))
     tr.train()
     assert got[0][0]["role"] == "assistant" and isinstance(got[0][0]["content"], str)
     df = pd.read_parquet(tmp_path / "out" / "completions" / "completions_00001.parquet")
     assert len(df) == 4 * 2 and {"member", "prompt", "completion", "chat_reward", "reward"} <= set(df.columns)
+    assert {"accuracy_reward", "solution", "gold_parsed", "answer_parsed"} <= set(df.columns)
+    assert sorted(set(df["solution"])) == ["$2$", "$4$"] and set(df["accuracy_reward"]) <= {0.0, 1.0}
+    assert all(g.startswith("[") for g in df["gold_parsed"])  # math-verify parsed every gold answer
 
 
 def test_a_step_without_signal_is_warned_once(tmp_path):
@@ -236,23 +245,6 @@ def test_reward_functions_log_extra_columns_and_metrics_as_in_trl(tmp_path):
         log = RewardLog()
         log.log_extra("short", [1])
         log.flush(2)
-
-
-def test_trl_accuracy_reward_runs_and_fills_its_columns(tmp_path):
-    """``trl.rewards.accuracy_reward`` (math-verify, offline) logs its parsed answers with log_extra."""
-    from trl.rewards import accuracy_reward
-
-    tok = char_tokenizer(ALPHABET + "0123456789<>|$")
-    tok.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}{% if add_generation_prompt %}|{% endif %}"
-    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": "1+1"}], [{"role": "user", "content": "2+2"}]],
-                            "solution": ["$2$", "$4$"]})
-    tr = EggrollTrainer(tiny_llama(len(tok), init_std=0.5), accuracy_reward, processing_class=tok, train_dataset=ds,
-                        args=_args(tmp_path, max_steps=1, log_completions=True))
-    tr.train()
-    df = pd.read_parquet(tmp_path / "out" / "completions" / "completions_00001.parquet")
-    assert {"solution", "gold_parsed", "answer_parsed"} <= set(df.columns) and len(df) == 4 * 2
-    assert sorted(set(df["solution"])) == ["$2$", "$4$"] and set(df["accuracy_reward"]) <= {0.0, 1.0}
-    assert all(g.startswith("[") for g in df["gold_parsed"])  # math-verify parsed every gold answer
 
 
 def test_hf_backend_and_adam(tmp_path):
