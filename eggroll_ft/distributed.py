@@ -10,6 +10,10 @@ Bit-identical results for any number of processes come from a fixed unit of work
 step are cut into chunks of ``chunk_size`` jobs in one global order, and chunk ``c`` runs on
 process ``c % world_size``, as one batch. One process runs the same chunks one after another, so
 every job sees the same batch shapes and the same numbers.
+
+``run_sharded`` is the whole exchange (chunks, errors relayed to every rank, gather in job order);
+the trainer's one rollout, for training steps and evaluation alike, goes through it. This module
+knows nothing of models or rewards: it moves lists of per-job values.
 """
 from __future__ import annotations
 

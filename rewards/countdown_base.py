@@ -19,7 +19,7 @@ import os
 import random
 import time
 
-from eggroll_ft.compare import greedy_accuracy as mean_greedy_reward
+from eggroll_ft.compare import greedy_accuracy
 from eggroll_ft.models.named import build_dir_atomically
 from eggroll_ft.tiny_base import TinyBaseConfig, pretrain, torch_threads
 from rewards.countdown import countdown_reward, format_prompt, generate_countdown_problems, solve
@@ -86,11 +86,11 @@ def sft_pairs(problems: list[dict]) -> list[tuple[str, str]]:
             for p in problems]
 
 
-def greedy_accuracy(model, tokenizer, problems: list[dict], max_new_tokens: int = 40, batch_size: int = 128) -> float:
+def heldout_accuracy(model, tokenizer, problems: list[dict], max_new_tokens: int = 40, batch_size: int = 128) -> float:
     """Mean ``countdown_reward`` (0 or 1) of the model's greedy completions of ``problems``."""
     prompts = [format_prompt(p["nums"], p["target"], template=TEMPLATE) for p in problems]
     columns = {"nums": [p["nums"] for p in problems], "target": [p["target"] for p in problems]}
-    return mean_greedy_reward(model, tokenizer, prompts, columns, countdown_reward, max_new_tokens, batch_size)
+    return greedy_accuracy(model, tokenizer, prompts, columns, countdown_reward, max_new_tokens, batch_size)
 
 
 def build_tiny_countdown_base(path: str, cfg: TinyBaseConfig | None = None, data: CountdownBaseData | None = None,
@@ -107,10 +107,10 @@ def _build(output_dir: str, cfg: TinyBaseConfig | None, data: CountdownBaseData,
         model, tokenizer, info = pretrain(sft_pairs(training_problems(data, cfg.seed)), cfg, progress=progress)
         heldout = heldout_problems(data.num_eval, data.eval_seed, data.max_value)
         start = time.perf_counter()
-        accuracy = greedy_accuracy(model, tokenizer, heldout, cfg.max_new_tokens)
+        accuracy = heldout_accuracy(model, tokenizer, heldout, cfg.max_new_tokens)
         eval_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        greedy_accuracy(model, tokenizer, heldout[:64], cfg.max_new_tokens, batch_size=64)  # sizing ES/GRPO runs
+        heldout_accuracy(model, tokenizer, heldout[:64], cfg.max_new_tokens, batch_size=64)  # sizing ES/GRPO runs
         greedy_64_seconds = time.perf_counter() - start
     info = {"model": TINY_COUNTDOWN_BASE, **info, "heldout_accuracy": accuracy, "heldout_problems": len(heldout),
             "heldout_eval_seconds": round(eval_seconds, 1), "greedy_64_seconds": round(greedy_64_seconds, 2),
