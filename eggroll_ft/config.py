@@ -9,6 +9,10 @@ and are listed in ``GRPO_ONLY_FIELDS``: they have no meaning for ES and a warnin
 
 Every field is validated at construction; errors name the field and its value.
 
+The launch is checked here too, before ``TrainingArguments`` sets up the devices (``launch``
+section below): several CPU processes started without ``use_cpu`` join their gloo group instead of
+each training alone, and a launch this process cannot join fails with the fix in the message.
+
 Update convention (README, "Mapping onto the paper"): with shaped fitness ``f`` and unit-variance
 noise ``E_i``, the ES direction is ``g = 1/(N sigma) sum_i f_i E_i`` and plain SGD does
 ``W += learning_rate * g``. A paper or code base that writes ``W += alpha/N sum_i f_i E_i``
@@ -16,12 +20,17 @@ noise ``E_i``, the ES direction is ``g = 1/(N sigma) sum_i f_i E_i`` and plain S
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import TrainingArguments
+
+logger = logging.getLogger(__name__)
 
 SHAPINGS = ("group_norm", "zscore", "centered_rank", "none")  # fitness shaping methods (shaping.py)
 SIGMA_SCHEDULES = ("constant", "exponential", "linear")
@@ -110,8 +119,15 @@ class EggrollConfig(TrainingArguments):
     remove_unused_columns: bool = _help("Keep every dataset column: reward functions receive them.", default=False)
 
     def __post_init__(self):
+        if cpu_group_needed(self.use_cpu, os.environ):
+            # accelerate joins the launched processes' gloo group only with use_cpu; without it every
+            # process would train alone on all jobs (and all write the same output_dir)
+            logger.info("WORLD_SIZE=%s processes and no GPU: use_cpu=True, so they share the work over gloo",
+                        os.environ.get("WORLD_SIZE"))
+            self.use_cpu = True
         super().__post_init__()
         self._validate_es()
+        self._check_launch()
 
     def _validate_es(self):
         def need(cond, name, rule):
@@ -158,6 +174,15 @@ class EggrollConfig(TrainingArguments):
         if ignored:
             warnings.warn(f"GRPO-only fields have no effect on EggrollTrainer: {ignored}", stacklevel=3)
 
+    def _check_launch(self):
+        launched = launched_world_size(os.environ)
+        if launched > 1 and self.world_size != launched:
+            raise ValueError(f"WORLD_SIZE={launched} processes were launched but this process joined world_size="
+                             f"{self.world_size} (use_cpu={self.use_cpu}): each would train alone on every job. On a "
+                             "machine without a GPU accelerate launch needs use_cpu=True (--use_cpu true); on GPUs use "
+                             "--multi_gpu with one process per GPU")
+        warn_if_cpu_multiprocess_ignored()
+
     def sigma_at(self, step: int) -> float:
         """Sigma of ES step ``step`` under the configured schedule."""
         if self.sigma_schedule == "exponential":
@@ -168,3 +193,91 @@ class EggrollConfig(TrainingArguments):
             frac = min(step / total, 1.0)
             return self.sigma + (final - self.sigma) * frac
         return self.sigma
+
+
+# ---- launch: how many processes were started, and whether this one can join them ---------------
+def launched_world_size(env) -> int:
+    """``WORLD_SIZE`` as set by ``torchrun`` / ``accelerate launch`` (1 when unset)."""
+    return int(env.get("WORLD_SIZE", "1") or 1)
+
+
+def _has_distributed_accelerator() -> bool:
+    """A GPU (or another accelerator accelerate runs a process group on) is present."""
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
+    if accelerator is not None and hasattr(accelerator, "current_accelerator"):
+        device = accelerator.current_accelerator() if accelerator.is_available() else None
+        return device is not None and device.type != "mps"  # accelerate runs no process group on MPS
+    return torch.cuda.is_available()
+
+
+def cpu_group_needed(use_cpu: bool, env) -> bool:
+    """``accelerate launch --multi_gpu --num_processes K`` (or ``torchrun``) on a machine without GPUs.
+
+    The launcher sets ``WORLD_SIZE=K``, yet accelerate puts the process in the group (gloo) only
+    when told to use the CPU; otherwise every process sees ``num_processes == 1`` and runs the whole
+    job by itself. True when that would happen.
+
+    >>> cpu_group_needed(False, {"WORLD_SIZE": "2"}) == (not _has_distributed_accelerator())
+    True
+    >>> cpu_group_needed(False, {}), cpu_group_needed(True, {"WORLD_SIZE": "2"})
+    (False, False)
+    """
+    return (launched_world_size(env) > 1 and not use_cpu and not _accelerate_use_cpu(env)
+            and not _has_distributed_accelerator())
+
+
+def _accelerate_use_cpu(env) -> bool:
+    """``accelerate launch --cpu`` (or ``use_cpu: true`` in its config) told the process to use the CPU."""
+    return env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1")
+
+
+def _alone_under_accelerate_cpu(env) -> bool:
+    """Launched by ``accelerate launch --cpu`` and told it is the only process."""
+    return _accelerate_use_cpu(env) and launched_world_size(env) <= 1
+
+
+def requested_cpu_processes(env: dict, launcher_argv: list[str]) -> int | None:
+    """How many processes ``accelerate launch --cpu --num_processes N`` asked for, when it started one.
+
+    That launcher starts a single process and tells it nothing of N; the only trace is the
+    launcher's own command line (the parent process). Returns N > 1 in that case, else None.
+
+    >>> requested_cpu_processes({"ACCELERATE_USE_CPU": "True"}, ["accelerate", "launch", "--cpu", "--num_processes", "2"])
+    2
+    >>> requested_cpu_processes({"ACCELERATE_USE_CPU": "True", "WORLD_SIZE": "2"}, ["accelerate", "--num_processes=2"])
+    """
+    if not _alone_under_accelerate_cpu(env):
+        return None
+    for i, arg in enumerate(launcher_argv):
+        for flag in ("--num_processes", "--num-processes"):
+            value = arg[len(flag) + 1:] if arg.startswith(flag + "=") else (
+                launcher_argv[i + 1] if arg == flag and i + 1 < len(launcher_argv) else None)
+            if value is not None and value.isdigit() and int(value) > 1:
+                return int(value)
+    return None
+
+
+def warn_if_cpu_multiprocess_ignored() -> bool:
+    """``accelerate launch --cpu --num_processes K`` silently starts ONE process. Detect and warn.
+
+    Reads the launcher's command line (Linux ``/proc``); where it cannot be read or names no
+    ``--num_processes``, a rendezvous port without a world size is taken as the sign. Returns True
+    when the case was detected.
+    """
+    env = dict(os.environ)
+    if not _alone_under_accelerate_cpu(env):
+        return False
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        argv = []
+    named = any(a.startswith(("--num_processes", "--num-processes")) for a in argv)
+    asked = requested_cpu_processes(env, argv) if named else None
+    if asked or (not named and "MASTER_PORT" in env):
+        warnings.warn(f"`accelerate launch --cpu --num_processes {asked or 'K'}` starts only one process. For several "
+                      "CPU processes over gloo use `accelerate launch --multi_gpu --num_processes K` (works without "
+                      "GPUs; recipes/accelerate_configs/cpu_2proc.yaml) or `torchrun --nproc_per_node K`.",
+                      stacklevel=2)
+        return True
+    return False

@@ -10,14 +10,14 @@ Bit-identical results for any number of processes come from a fixed unit of work
 step are cut into chunks of ``chunk_size`` jobs in one global order, and chunk ``c`` runs on
 process ``c % world_size``, as one batch. One process runs the same chunks one after another, so
 every job sees the same batch shapes and the same numbers.
+
+``run_sharded`` is the whole exchange (chunks, errors relayed to every rank, gather in job order);
+the trainer's one rollout, for training steps and evaluation alike, goes through it. This module
+knows nothing of models or rewards: it moves lists of per-job values.
 """
 from __future__ import annotations
 
 import atexit
-import os
-import warnings
-
-import torch
 
 
 def job_chunks(num_jobs: int, chunk_size: int) -> list[range]:
@@ -55,63 +55,50 @@ def raise_first_error(results: list[dict]) -> None:
             raise RuntimeError(f"[rank {rank}] {r['error']}")
 
 
+def run_sharded(num_jobs: int, chunk_size: int, fn, world_size: int, rank: int) -> tuple[dict[str, list], list]:
+    """Run ``fn`` on this process's chunks of ``num_jobs`` jobs; every process gets every job's results.
+
+    ``fn(chunks)`` receives this process's chunks (``local_chunks``: ranges of job indices) and
+    returns ``(columns, summary)``: ``columns`` maps names to lists with one entry per job of those
+    chunks, in chunk order; ``summary`` is any small picklable object. One exchange later, every
+    process holds ``(columns, summaries)``: each column over all ``num_jobs`` jobs in global job
+    order (``None`` for jobs whose process produced no such column) and the summaries in rank order.
+
+    An exception in ``fn`` on any process is raised on every process (``RuntimeError`` naming the
+    rank), so none waits for the failed one; on a single process it propagates unchanged.
+
+    >>> run_sharded(3, 2, lambda chunks: ({"double": [2 * j for c in chunks for j in c]}, "done"), 1, 0)
+    ({'double': [0, 2, 4]}, ['done'])
+    """
+    chunks = local_chunks(num_jobs, chunk_size, world_size, rank)
+    jobs = [j for c in chunks for j in c]
+    try:
+        columns, summary = fn(chunks)
+        for name, values in columns.items():
+            if len(values) != len(jobs):
+                raise ValueError(f"column {name!r} has {len(values)} entries for this process's {len(jobs)} jobs")
+        result = {"jobs": jobs, "columns": columns, "summary": summary}
+    except Exception as e:
+        if world_size == 1:
+            raise
+        result = {"error": f"{type(e).__name__}: {e}"}  # every rank raises it after the gather below
+    results = gather_objects(result, world_size)
+    raise_first_error(results)
+    names = list(dict.fromkeys(name for r in results for name in r["columns"]))
+    out = {name: [None] * num_jobs for name in names}
+    for r in results:
+        for name, values in r["columns"].items():
+            column = out[name]
+            for j, v in zip(r["jobs"], values):
+                column[j] = v
+    return out, [r["summary"] for r in results]
+
+
 def check_replicas_equal(value: float, world_size: int, what: str = "weights checksum") -> None:
     """Debug check: ``value`` must be the same on every process."""
     values = gather_objects(float(value), world_size)
     if len(set(values)) > 1:
         raise RuntimeError(f"{what} differs across processes: {values}")
-
-
-def _alone_under_accelerate_cpu(env) -> bool:
-    """Launched by ``accelerate launch --cpu`` and told it is the only process."""
-    return env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1") and int(env.get("WORLD_SIZE", "1")) <= 1
-
-
-def requested_cpu_processes(env: dict, launcher_argv: list[str]) -> int | None:
-    """How many processes ``accelerate launch --cpu --num_processes N`` asked for, when it started one.
-
-    That launcher starts a single process and tells it nothing of N; the only trace is the
-    launcher's own command line (the parent process). Returns N > 1 in that case, else None.
-
-    >>> requested_cpu_processes({"ACCELERATE_USE_CPU": "True"}, ["accelerate", "launch", "--cpu", "--num_processes", "2"])
-    2
-    >>> requested_cpu_processes({"ACCELERATE_USE_CPU": "True", "WORLD_SIZE": "2"}, ["accelerate", "--num_processes=2"])
-    """
-    if not _alone_under_accelerate_cpu(env):
-        return None
-    for i, arg in enumerate(launcher_argv):
-        for flag in ("--num_processes", "--num-processes"):
-            value = arg[len(flag) + 1:] if arg.startswith(flag + "=") else (
-                launcher_argv[i + 1] if arg == flag and i + 1 < len(launcher_argv) else None)
-            if value is not None and value.isdigit() and int(value) > 1:
-                return int(value)
-    return None
-
-
-def warn_if_cpu_multiprocess_ignored() -> bool:
-    """``accelerate launch --cpu --num_processes K`` silently starts ONE process. Detect and warn.
-
-    Reads the launcher's command line (Linux ``/proc``); where it cannot be read or names no
-    ``--num_processes``, a rendezvous port without a world size is taken as the sign. Returns True
-    when the case was detected.
-    """
-    env = dict(os.environ)
-    if not _alone_under_accelerate_cpu(env):
-        return False
-    try:
-        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        argv = []
-    named = any(a.startswith(("--num_processes", "--num-processes")) for a in argv)
-    asked = requested_cpu_processes(env, argv) if named else None
-    if asked or (not named and "MASTER_PORT" in env):
-        warnings.warn(f"`accelerate launch --cpu --num_processes {asked or 'K'}` starts only one process. For several "
-                      "CPU processes over gloo use `accelerate launch --multi_gpu --num_processes K` (works without "
-                      "GPUs; recipes/accelerate_configs/cpu_2proc.yaml) or `torchrun --nproc_per_node K`.",
-                      stacklevel=2)
-        return True
-    return False
 
 
 def default_chunk_size(num_jobs: int, world_size: int, max_sequences_in_flight: int | None) -> int:
@@ -120,14 +107,6 @@ def default_chunk_size(num_jobs: int, world_size: int, max_sequences_in_flight: 
     if max_sequences_in_flight:
         return int(max_sequences_in_flight)
     return max(1, -(-num_jobs // world_size))
-
-
-def stack_rows(rows: list[torch.Tensor], order: list[int], total: int, width: int) -> torch.Tensor:
-    """Put per-job rows gathered from processes back in global job order."""
-    out = torch.full((total, width), float("nan"))
-    for idx, row in zip(order, rows):
-        out[idx] = row
-    return out
 
 
 def _destroy_process_group() -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .models.mingru import IntMinGRU, LowRank, int_log_softmax, int_mm, weight_shapes
-from .noise import NoiseConfig, _splitmix64, _srl
+from .noise import NoiseConfig, splitmix64, srl
 
 FACTOR_MAX = 63  # int8 factors lie in [-63, 63]
 
@@ -99,8 +99,8 @@ def int8_factors(noise: NoiseConfig, step: int, name: str, shape: tuple[int, int
     size = (m + n) * r
     idx = pairs.to(torch.int64)
     counter = idx[:, None] * size + torch.arange(size, dtype=torch.int64, device=idx.device)[None, :]
-    h = _splitmix64(_splitmix64(counter ^ noise.key(step, name)))
-    v = ((h & 63) - _srl(h, 58)).to(torch.int8).view(-1, m + n, r)  # (K, m + n, r)
+    h = splitmix64(splitmix64(counter ^ noise.key(step, name)))
+    v = ((h & 63) - srl(h, 58)).to(torch.int8).view(-1, m + n, r)  # (K, m + n, r)
     return v[:, :m], v[:, m:]
 
 

@@ -40,17 +40,19 @@ _MIX1 = _signed(0xBF58476D1CE4E5B9)
 _MIX2 = _signed(0x94D049BB133111EB)
 
 
-def _srl(x: torch.Tensor, k: int) -> torch.Tensor:
+def srl(x: torch.Tensor, k: int) -> torch.Tensor:
     """Logical right shift of int64 tensors (torch's >> is arithmetic)."""
     return (x >> k) & ((1 << (64 - k)) - 1)
 
 
-def _splitmix64(x: torch.Tensor) -> torch.Tensor:
-    """SplitMix64 finaliser on int64 tensors (wrapping arithmetic)."""
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 finaliser on int64 tensors (wrapping arithmetic): the one integer hash behind every
+    random draw of the package (noise here, sampling seeds and Gumbel noise in ``engine.sampling``,
+    int8 factors in ``integer_es``)."""
     x = x + _GOLDEN
-    x = (x ^ _srl(x, 30)) * _MIX1
-    x = (x ^ _srl(x, 27)) * _MIX2
-    return x ^ _srl(x, 31)
+    x = (x ^ srl(x, 30)) * _MIX1
+    x = (x ^ srl(x, 27)) * _MIX2
+    return x ^ srl(x, 31)
 
 
 def stream_key(*coords: int | str) -> int:
@@ -61,6 +63,21 @@ def stream_key(*coords: int | str) -> int:
     """
     text = "\x1f".join(str(c) for c in coords).encode()
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
+def job_seed(seed: int, step: int, noise_index: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
+    """Sampling seed of each ``(noise index, prompt)`` job of a step: int64 ``(J,)``.
+
+    A job's completion is sampled from this seed alone (``engine.sampling``), so it does not depend
+    on the job's batch, slot or process. Jobs are keyed by the member's noise index rather than the
+    member: antithetic partners share their seed (common random numbers), so a pair's completions
+    differ only through the sign of its perturbation.
+
+    >>> job_seed(0, 3, torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0])).unique().numel()
+    3
+    """
+    key = torch.tensor(stream_key(seed, "sampling", step))
+    return splitmix64(key ^ (noise_index.to(torch.int64) * 1_000_003 + prompt_index.to(torch.int64)))
 
 
 def noise_block(key: int, indices: torch.Tensor, size: int, device=None) -> torch.Tensor:
@@ -75,8 +92,8 @@ def noise_block(key: int, indices: torch.Tensor, size: int, device=None) -> torc
     idx = indices.to(device=device, dtype=torch.int64)
     half = (size + 1) // 2
     counter = idx[:, None] * half + torch.arange(half, device=device, dtype=torch.int64)[None, :]
-    h = _splitmix64(counter * _GOLDEN + key)  # output `counter` of a SplitMix64 generator seeded with key
-    u1 = (_srl(h, 40).to(torch.float32) + 1.0) * (1.0 / (1 << 24))  # 24-bit uniforms, exact in float32: (0, 1]
+    h = splitmix64(counter * _GOLDEN + key)  # output `counter` of a SplitMix64 generator seeded with key
+    u1 = (srl(h, 40).to(torch.float32) + 1.0) * (1.0 / (1 << 24))  # 24-bit uniforms, exact in float32: (0, 1]
     u2 = ((h >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / (1 << 24))  # [0, 1)
     radius = torch.sqrt(-2.0 * torch.log(u1))
     angle = (2.0 * math.pi) * u2

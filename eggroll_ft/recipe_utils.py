@@ -2,8 +2,8 @@
 
 What a recipe needs besides its task: the script arguments every task has (``RecipeArguments``),
 ``ModelConfig`` -> ``from_pretrained`` keyword arguments, a held-out split, tiny offline models
-for smoke runs, a check that the launch gave every process its rank, and the
-evaluate -> train -> evaluate -> save sequence that writes ``eval_results.json``.
+for smoke runs, and the evaluate -> train -> evaluate -> save sequence that writes
+``eval_results.json``. (The launch itself is checked by ``EggrollConfig``.)
 
 Boundary: this module drives an ``EggrollTrainer`` through its public methods (``evaluate``,
 ``train``, ``save_model``); it builds no prompts and computes no reward itself.
@@ -84,22 +84,6 @@ def heldout_split(dataset, num_eval: int, num_train: int | None = None, seed: in
     return train, heldout
 
 
-def check_world_size(args) -> None:
-    """Fail fast when the launcher started several processes but each believes it is alone.
-
-    (``accelerate launch --cpu --num_processes N``, which starts one process, is detected and warned
-    about by ``EggrollTrainer``: ``distributed.warn_if_cpu_multiprocess_ignored``.)
-
-    ``accelerate launch --multi_gpu --num_processes 2`` on a machine without GPUs sets
-    ``WORLD_SIZE=2``, yet ``TrainingArguments`` only joins the gloo group with ``use_cpu=True``;
-    without it every process would silently run the whole job by itself.
-    """
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and args.world_size != launched:
-        raise ValueError(f"WORLD_SIZE={launched} processes were launched but use_cpu={args.use_cpu} gives "
-                         f"world_size={args.world_size}: on a machine without GPUs pass --use_cpu true")
-
-
 def _final_eval(trainer) -> dict:
     """The ``eval_*`` metrics of the trained model: reused when the last logged evaluation ran at the
     final step (``eval_steps`` dividing ``max_steps``), otherwise a fresh ``trainer.evaluate()``."""
@@ -107,6 +91,43 @@ def _final_eval(trainer) -> dict:
     if last is not None and last.get("step") == trainer.state.global_step:
         return {k: v for k, v in last.items() if k.startswith("eval_")}
     return trainer.evaluate()
+
+
+def run_recipe(script_args, training_args, model_args, build_datasets, accuracy_reward: str,
+               paired: bool = False) -> dict:
+    """What every task recipe does once its arguments are parsed; returns ``eval_results.json``'s content.
+
+    Resolves the model (a named model is built by rank 0 first, the other ranks then reuse it),
+    builds ``(train, eval)`` with ``build_datasets(script_args)``, trains an ``EggrollTrainer`` with
+    the task's ``reward_funcs`` (and LoRA when ``use_peft``), and scores before and after
+    (``train_and_evaluate``; ``--eval_only`` scores only).
+    """
+    from trl import get_peft_config
+
+    from .callbacks import JsonlMetricsCallback
+    from .models.named import NAMED_MODELS
+    from .trainer import EggrollTrainer
+
+    if model_args.model_name_or_path is None:
+        raise ValueError("model_name_or_path=None: give a hub id, a local path, a .gguf file or a named model "
+                         f"({', '.join(sorted(NAMED_MODELS))})")
+    with training_args.main_process_first(desc="model and data"):
+        model_path = resolve_model_name(model_args.model_name_or_path)
+        train_dataset, eval_dataset = build_datasets(script_args)
+    training_args.model_init_kwargs = {**model_init_kwargs(model_args), **(training_args.model_init_kwargs or {})}
+    trainer = EggrollTrainer(
+        model=model_path,
+        reward_funcs=script_args.reward_funcs,
+        args=training_args,
+        train_dataset=eval_dataset if script_args.eval_only else train_dataset,
+        eval_dataset=eval_dataset,
+        peft_config=get_peft_config(model_args),
+        callbacks=[JsonlMetricsCallback()],
+    )
+    results = train_and_evaluate(trainer, accuracy_reward, eval_only=script_args.eval_only,
+                                 eval_before_training=script_args.eval_before_training, paired=paired)
+    trainer.end()
+    return results
 
 
 def train_and_evaluate(trainer, accuracy_reward: str, eval_only: bool = False,

@@ -39,6 +39,7 @@ from .population import UNPERTURBED, Population
 from .shaping import SHAPINGS, shape_fitness
 
 METHODS = ("eggroll", "openes", "ppo")
+RENAMED_FIELDS = {"lr": "learning_rate", "lr_decay": "learning_rate_decay"}  # old config names, refused by name
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -68,9 +69,9 @@ class RLConfig:
     """noise scale at generation 0"""
     sigma_decay: float = 1.0
     """sigma is multiplied by this every generation"""
-    lr: float = 0.01
-    """ES learning rate at generation 0"""
-    lr_decay: float = 1.0
+    learning_rate: float = 0.01
+    """ES learning rate at generation 0 (EggrollConfig's name)"""
+    learning_rate_decay: float = 1.0
     """the learning rate is multiplied by this every generation"""
     optimizer: str = "adam"
     """sgd (the paper's plain update, fused in place) or adam"""
@@ -104,10 +105,10 @@ class RLConfig:
                      "eval_episodes", "eval_every_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("sigma", "lr"):
+        for name in ("sigma", "learning_rate"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        for name in ("sigma_decay", "lr_decay"):
+        for name in ("sigma_decay", "learning_rate_decay"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)} must lie in (0, 1]")
         if self.max_train_cpu_seconds is not None and not self.max_train_cpu_seconds > 0:
@@ -115,6 +116,10 @@ class RLConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RLConfig":
+        renamed = {k: RENAMED_FIELDS[k] for k in d if k in RENAMED_FIELDS}
+        if renamed:
+            raise ValueError("RLConfig field(s) renamed, one name per concept across eggroll_ft: "
+                             + ", ".join(f"{old} -> {new}" for old, new in renamed.items()))
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -274,7 +279,7 @@ def population_rollout(policy: PopulationPolicy, pop: Population, envs, seed: in
 class ESLearner:
     """ES on a ``PopulationPolicy``: perturb (Population), roll out, shape, update (apply_es_update).
 
-    Generation ``g`` uses ``sigma_g = sigma * sigma_decay**g`` and ``lr_g = lr * lr_decay**g``; the
+    Generation ``g`` uses ``sigma_g = sigma * sigma_decay**g`` and ``learning_rate * learning_rate_decay**g``; the
     environments of generation ``g`` are seeded ``seed + (g + 1) * N`` so each generation sees
     fresh episodes and every run with the same seed sees the same ones.
     """
@@ -284,9 +289,9 @@ class ESLearner:
         self.pop = Population(policy, config.noise(), config.population_size, config.sigma)
         weights = [p.weight for p in self.pop.params.values()]
         if config.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(weights, lr=config.lr)
+            self.optimizer = torch.optim.SGD(weights, lr=config.learning_rate)
         else:
-            self.optimizer = torch.optim.Adam(weights, lr=config.lr)
+            self.optimizer = torch.optim.Adam(weights, lr=config.learning_rate)
         self.generation = 0
 
     @property
@@ -294,8 +299,8 @@ class ESLearner:
         return self.config.sigma * self.config.sigma_decay ** self.generation
 
     @property
-    def lr(self) -> float:
-        return self.config.lr * self.config.lr_decay ** self.generation
+    def learning_rate(self) -> float:
+        return self.config.learning_rate * self.config.learning_rate_decay ** self.generation
 
     def step(self, envs) -> dict:
         """One generation on ``envs`` (one env per member). Returns metrics on raw returns."""
@@ -304,7 +309,7 @@ class ESLearner:
             raise ValueError(f"num_envs={envs.num_envs} must equal population_size={cfg.population_size}")
         self.pop.set_step(self.generation, sigma=self.sigma)
         for group in self.optimizer.param_groups:  # exponential decay, set directly (the fused SGD
-            group["lr"] = self.lr                  # path never calls optimizer.step())
+            group["lr"] = self.learning_rate       # path never calls optimizer.step())
         res = population_rollout(self.policy, self.pop, envs, seed=cfg.seed + (self.generation + 1) * cfg.population_size,
                                  episodes=cfg.episodes_per_member)
         returns = torch.as_tensor(res.returns, dtype=torch.float32)  # (N,)
@@ -313,7 +318,7 @@ class ESLearner:
         update_norm = apply_es_update(self.pop, fitness, optimizer=self.optimizer)
         if not is_plain_sgd(self.optimizer):
             self.optimizer.step()
-        out = {"generation": self.generation, "sigma": self.sigma, "lr": self.lr,
+        out = {"generation": self.generation, "sigma": self.sigma, "learning_rate": self.learning_rate,
                "train_return": float(returns.mean()), "train_return_max": float(returns.max()),
                "update_norm": update_norm, "env_steps": res.env_steps, "batch_steps": res.batch_steps}
         self.generation += 1

@@ -51,7 +51,8 @@ CHARS = string.ascii_letters + string.digits + " .,:;!?+-*/=()[]<>#$%'\"\n"
 
 
 def char_tokenizer(chars: str = CHARS):
-    """A character tokenizer: ids 0..3 are <pad>, <bos>, <eos>, <unk>; one id per character."""
+    """A character tokenizer: ids 0..3 are <pad>, <bos>, <eos>, <unk>, then one id per character of
+    ``chars`` in order (others map to <unk>); left padding."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -59,7 +60,7 @@ def char_tokenizer(chars: str = CHARS):
     for c in dict.fromkeys(chars):
         vocab.setdefault(c, len(vocab))
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one piece per char, "\n" too
     tk.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
                                    unk_token="<unk>", padding_side="left")

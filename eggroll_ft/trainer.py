@@ -16,6 +16,11 @@ What changes from GRPO, and why (EGGROLL, Sarkar et al. 2025, arXiv 2511.16652):
 5. Noise is a pure function of ``(seed, step, weight name, pair)``: nothing is stored, every
    process regenerates it, and only fitness scalars cross processes.
 
+One step, as ``training_step`` reads: jobs (every member x every prompt, each with its sampling
+seed ``noise.job_seed``) -> ``rollout`` (generation by the configured backend and scoring, sharded
+over processes by ``distributed.run_sharded``) -> rewards ``(Q, N)`` -> fitness -> ES update.
+``evaluate`` runs the same rollout: the unperturbed model, greedy.
+
 Override points for subclasses: ``_generate_and_score_completions``, ``_generate``,
 ``_calculate_rewards``, ``_shape_fitness``, ``_es_update``.
 """
@@ -33,14 +38,13 @@ from transformers import Trainer
 from transformers.trainer_utils import set_seed
 
 from .config import EggrollConfig
-from .distributed import (check_replicas_equal, default_chunk_size, destroy_process_group_at_exit, gather_objects,
-                          local_chunks, raise_first_error, stack_rows, warn_if_cpu_multiprocess_ignored)
-from .engine import PopulationEngine, SamplingParams
-from .es_update import apply_es_update, is_plain_sgd
+from .distributed import check_replicas_equal, default_chunk_size, destroy_process_group_at_exit, run_sharded
+from .engine import HFGenerateBackend, PopulationEngine, SamplingParams
+from .es_update import apply_es_update
 from .models.loading import load_causal_lm, load_tokenizer
-from .noise import NoiseConfig, _splitmix64, stream_key
-from .population import Population
-from .reward_funcs import call_reward_funcs, combine_rewards, resolve_reward_func, reward_func_name
+from .noise import NoiseConfig, job_seed, stream_key
+from .population import UNPERTURBED, Population
+from .reward_funcs import RewardLog, call_reward_funcs, combine_rewards, resolve_reward_func, reward_func_name
 from .shaping import shape_fitness
 
 PEFT_PERTURB_MODULES = r".*\.lora_[AB]\.[^.]+"
@@ -100,7 +104,6 @@ class EggrollTrainer(Trainer):
         if not isinstance(args, EggrollConfig):
             raise TypeError(f"args must be an EggrollConfig, got {type(args).__name__}")
         set_seed(args.seed)
-        warn_if_cpu_multiprocess_ignored()
         model_id = model if isinstance(model, str) else None
         if isinstance(model, str):
             model = load_causal_lm(model, **(args.model_init_kwargs or {}))
@@ -142,7 +145,8 @@ class EggrollTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=_identity, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers)
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics = defaultdict(list)  # per-step training metrics, averaged at each log
+        self._reward_log = RewardLog()  # what reward functions pass to log_extra / log_metric
         self._last_table = None
         self.last_eval_rewards: torch.Tensor | None = None  # (num_problems, num_reward_funcs) of the last evaluate()
         self._warned_no_signal = False
@@ -159,11 +163,20 @@ class EggrollTrainer(Trainer):
         if getattr(tok, "eos_token_id", None) is not None and tok.eos_token_id not in eos:
             eos.insert(0, tok.eos_token_id)
         self.eos_token_ids = eos
-        self.engine = PopulationEngine(model, self.population, eos_token_ids=eos, pad_token_id=tok.pad_token_id,
-                                       max_sequences_in_flight=args.max_sequences_in_flight, tokenizer=tok,
-                                       stop_strings=args.stop_strings, compile_decode=args.compile_decode,
-                                       memory_budget_bytes=int(args.generation_memory_gb * 2**30)
-                                       if args.generation_memory_gb else None)
+        self.sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                       greedy=args.greedy)
+        self.generation_backend = self._make_generation_backend(model)
+
+    def _make_generation_backend(self, model):
+        """The backend named by ``args.generation_backend`` (contract: ``engine/backend.py``)."""
+        a, tok = self.args, self.processing_class
+        if a.generation_backend == "hf":
+            return HFGenerateBackend(model, self.population, tok, self.eos_token_ids,
+                                     max_batch_size=a.max_sequences_in_flight, stop_strings=a.stop_strings)
+        return PopulationEngine(model, self.population, eos_token_ids=self.eos_token_ids, pad_token_id=tok.pad_token_id,
+                                max_sequences_in_flight=a.max_sequences_in_flight, tokenizer=tok,
+                                stop_strings=a.stop_strings, compile_decode=a.compile_decode,
+                                memory_budget_bytes=int(a.generation_memory_gb * 2**30) if a.generation_memory_gb else None)
 
     # ---- data -------------------------------------------------------------------------------
     @staticmethod
@@ -208,9 +221,14 @@ class EggrollTrainer(Trainer):
         batch = self._generate_and_score_completions(inputs)
         fitness = self._shape_fitness(batch["rewards"])  # (N,)
         update_norm = self._es_update(fitness)
-        self._record_metrics(batch, fitness, update_norm, time.perf_counter() - t0)
-        if self._metrics["train"]["frac_reward_zero_std"][-1] == 1.0:
+        self.state.num_input_tokens_seen += int(sum(batch["prompt_lengths"]) + sum(batch["completion_lengths"]))
+        metrics = self._step_metrics(batch, fitness, update_norm, time.perf_counter() - t0)
+        if metrics["frac_reward_zero_std"] == 1.0:
             self._warn_no_signal(step, num_prompts=batch["rewards"].shape[0])
+        for key, value in metrics.items():
+            self._metrics[key].append(value)
+        if self.args.log_completions:
+            self._last_table = self._completions_table(batch)
         return torch.tensor(0.0, device=self.args.device)
 
     def _warn_no_signal(self, step: int, num_prompts: int) -> None:
@@ -229,15 +247,74 @@ class EggrollTrainer(Trainer):
                       "the model sometimes solves. Warned once per run; the logged metric frac_reward_zero_std "
                       "tracks it.", RuntimeWarning, stacklevel=2)
 
-    def _job_seeds(self, members: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
-        """Sampling seed of each (member, prompt) job. Antithetic partners share it (common random
-        numbers), so a pair differs only by the sign of its perturbation; with
-        ``common_sampling_noise`` all members share it."""
-        noise_idx = self.population.noise.noise_index(members)
+    def _generate_and_score_completions(self, inputs: list[dict]) -> dict:
+        """Every member answers every prompt of ``inputs``: the step's rollout, and its rewards ``(Q, N)``.
+
+        Jobs are member-major: job ``j = member * Q + q``. Antithetic partners share their sampling
+        seeds (``noise.job_seed``), and with ``common_sampling_noise`` all members do. Every process
+        returns the same global results.
+        """
+        N, Q = self.args.population_size, len(inputs)
+        members = torch.arange(N).repeat_interleave(Q)  # (J,)
+        prompt_index = torch.arange(Q).repeat(N)  # (J,)
+        noise_index = self.population.noise.noise_index(members)
         if self.args.common_sampling_noise:
-            noise_idx = torch.zeros_like(noise_idx)
-        key = stream_key(self.args.seed, "sampling", self.state.global_step)
-        return _splitmix64(torch.tensor(key) ^ (noise_idx * 1_000_003 + prompt_index))
+            noise_index = torch.zeros_like(noise_index)
+        seeds = job_seed(self.args.seed, self.state.global_step, noise_index, prompt_index)
+        batch = self.rollout(inputs, prompt_index, members, seeds, self.sampling, keep_texts=self.args.log_completions)
+        batch["rewards"] = batch["total_rewards"].view(N, Q).T.contiguous()  # (Q, N)
+        return batch
+
+    def rollout(self, inputs: list[dict], prompt_index: torch.Tensor, members: torch.Tensor, seeds: torch.Tensor,
+                sampling: SamplingParams, keep_texts: bool = False) -> dict:
+        """Generate and score jobs: job ``j`` answers ``inputs[prompt_index[j]]`` as member ``members[j]``
+        with sampling seed ``seeds[j]`` (all ``(J,)``). The one rollout of training and evaluation.
+
+        The jobs are cut into chunks of ``max_sequences_in_flight`` and shared among the processes
+        (``distributed.run_sharded``); each process generates its chunks (``_generate``), scores
+        them in one call (``_calculate_rewards``) and the per-job results are exchanged, so every
+        process returns the same results, in job order: ``rewards_per_func (J, F)``,
+        ``total_rewards (J,)``, ``completion_lengths``, ``finish_reasons``, ``completions`` (texts,
+        "" unless ``keep_texts``), ``extra`` (columns logged by reward functions), ``reward_metrics``
+        (their logged metrics, averaged over all processes) and the jobs' ``prompts``, ``members``,
+        ``prompt_lengths``.
+        """
+        prompts = [x["prompt"] for x in inputs]
+        prompt_ids = self._tokenize_prompts(self._prompt_texts(prompts))
+        q_of = prompt_index.tolist()
+        conversational = _is_conversational(prompts[0])
+
+        def run(chunks):  # this process's share of the jobs
+            jobs = [j for c in chunks for j in c]
+            ids, reasons = [], []
+            for chunk in chunks:  # one chunk = one batch: results do not depend on the process count
+                idx = list(chunk)
+                gen = self._generate([prompt_ids[q_of[j]] for j in idx], members[idx], seeds[idx], sampling)
+                ids += gen.completion_ids
+                reasons += gen.finish_reasons
+            texts = self.processing_class.batch_decode(ids, skip_special_tokens=True)
+            completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+            per_func = self._calculate_rewards([inputs[q_of[j]] for j in jobs], [prompts[q_of[j]] for j in jobs],
+                                               completions, ids)  # (J_local, F)
+            extra, reward_metrics = self._reward_log.flush(len(jobs))
+            columns = {"per_func": per_func.tolist(), "length": [len(c) for c in ids], "reason": reasons,
+                       **{f"extra/{k}": v for k, v in extra.items()}}
+            if keep_texts:
+                columns["text"] = texts
+            return columns, reward_metrics
+
+        J, world = len(q_of), self.accelerator.num_processes
+        chunk_size = default_chunk_size(J, world, self.args.max_sequences_in_flight)
+        columns, logged = run_sharded(J, chunk_size, run, world_size=world, rank=self.accelerator.process_index)
+        per_func = torch.tensor(columns["per_func"], dtype=torch.float32).reshape(J, len(self.reward_funcs))
+        return {
+            "prompts": [prompts[q] for q in q_of], "members": members, "prompt_lengths": [len(prompt_ids[q]) for q in q_of],
+            "completions": columns["text"] if keep_texts else [""] * J, "completion_lengths": columns["length"],
+            "finish_reasons": columns["reason"], "rewards_per_func": per_func,
+            "total_rewards": combine_rewards(per_func, self.reward_weights),  # (J,)
+            "extra": {k[len("extra/"):]: v for k, v in columns.items() if k.startswith("extra/")},
+            "reward_metrics": _mean_of_logged(logged),
+        }
 
     def _prompt_texts(self, prompts) -> list[str]:
         tok = self.processing_class
@@ -251,104 +328,19 @@ class EggrollTrainer(Trainer):
         limit = self.args.max_prompt_length
         return [list(x[-limit:]) if limit else list(x) for x in ids]
 
-    def _generate_and_score_completions(self, inputs: list[dict]) -> dict:
-        """Every member answers every prompt of ``inputs``; returns completions and rewards.
-
-        Jobs are member-major: job ``j = member * Q + q``. Each process generates and scores its
-        chunks of jobs (``distributed.local_chunks``); the per-job rewards, lengths and finish
-        reasons (and texts when logging completions) are gathered, so every process returns the
-        same global ``rewards`` table ``(Q, N)``.
-        """
-        N, Q = self.args.population_size, len(inputs)
-        prompts = [x["prompt"] for x in inputs]
-        prompt_ids = self._tokenize_prompts(self._prompt_texts(prompts))
-        members = torch.arange(N).repeat_interleave(Q)  # (J,)
-        qidx = torch.arange(Q).repeat(N)  # (J,)
-        seeds = self._job_seeds(members, qidx)
-        q_of = qidx.tolist()
-        J, world, rank = N * Q, self.accelerator.num_processes, self.accelerator.process_index
-        chunks = local_chunks(J, default_chunk_size(J, world, self.args.max_sequences_in_flight), world, rank)
-        local = [j for c in chunks for j in c]
-        conversational = _is_conversational(prompts[0])
-        result = {"jobs": local}
-        try:
-            ids, reasons = [], []
-            for chunk in chunks:
-                idx = list(chunk)
-                gen = self._generate([prompt_ids[q_of[j]] for j in idx], members[idx], seeds[idx])
-                ids += gen.completion_ids
-                reasons += gen.finish_reasons
-            texts = self.processing_class.batch_decode(ids, skip_special_tokens=True)
-            completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
-            per_func = self._calculate_rewards([inputs[q_of[j]] for j in local], [prompts[q_of[j]] for j in local],
-                                               completions, ids)  # (J_local, F)
-            result.update(per_func=per_func.tolist(), lengths=[len(c) for c in ids], reasons=reasons,
-                          texts=texts if self.args.log_completions else None)
-        except Exception as e:
-            if world == 1:
-                raise
-            result["error"] = f"{type(e).__name__}: {e}"  # every rank raises it after the gather below
-        results = gather_objects(result, world)
-        raise_first_error(results)
-        order = [j for r in results for j in r["jobs"]]
-        F = len(self.reward_funcs)
-        per_func = stack_rows([torch.tensor(row, dtype=torch.float32).reshape(F) for r in results for row in r["per_func"]],
-                              order, J, F)
-        lengths, reasons, texts = [0] * J, [""] * J, [""] * J
-        for r in results:
-            for k, j in enumerate(r["jobs"]):
-                lengths[j], reasons[j] = r["lengths"][k], r["reasons"][k]
-                texts[j] = r["texts"][k] if r["texts"] is not None else ""
-        total = combine_rewards(per_func, self.reward_weights)  # (J,)
-        return {
-            "prompts": [prompts[q] for q in q_of], "completions": texts, "completion_lengths": lengths,
-            "members": members, "finish_reasons": reasons,
-            "prompt_lengths": [len(prompt_ids[q]) for q in q_of],
-            "rewards_per_func": per_func, "total_rewards": total,
-            "rewards": total.view(N, Q).T.contiguous(),  # (Q, N)
-        }
-
-    def _generate(self, prompt_ids: list[list[int]], members: torch.Tensor, seeds: torch.Tensor):
-        """Completions for the jobs (engine by default; ``generation_backend='hf'`` uses ``generate``)."""
-        a = self.args
-        sp = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, greedy=a.greedy)
-        if a.generation_backend == "engine":
-            return self.engine.generate(prompt_ids, members=members, seeds=seeds,
-                                        max_new_tokens=a.max_completion_length, sampling=sp)
-        return self._hf_generate(prompt_ids, members, sp)
-
-    @torch.no_grad()
-    def _hf_generate(self, prompt_ids, members, sp: SamplingParams):
-        """Fallback: Hugging Face ``generate`` on the population model (global-RNG sampling, seeded per step)."""
-        from .engine import GenerationOutput
-        from .engine.engine import FINISH_EOS, FINISH_LENGTH
-
-        tok, device = self.processing_class, self.args.device
-        chunk = self.args.max_sequences_in_flight or len(prompt_ids)
-        ids_out, reasons = [], []
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(stream_key(self.args.seed, "hf-sampling", self.state.global_step) % (2**63))
-            for s in range(0, len(prompt_ids), chunk):
-                batch = tok.pad({"input_ids": prompt_ids[s:s + chunk]}, padding=True, return_tensors="pt")
-                with self.population.members(members[s:s + chunk]):
-                    out = self.model.generate(
-                        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                        max_new_tokens=self.args.max_completion_length, do_sample=not sp.greedy,
-                        temperature=sp.temperature if not sp.greedy else None, top_p=sp.top_p if not sp.greedy else None,
-                        top_k=sp.top_k if not sp.greedy else None, eos_token_id=self.eos_token_ids,
-                        pad_token_id=tok.pad_token_id)
-                for row in out[:, batch["input_ids"].shape[1]:].tolist():
-                    end = next((i + 1 for i, t in enumerate(row) if t in self.eos_token_ids), None)
-                    ids_out.append(row[:end] if end else row)
-                    reasons.append(FINISH_EOS if end else FINISH_LENGTH)
-        return GenerationOutput(ids_out, reasons)
+    def _generate(self, prompt_ids: list[list[int]], members: torch.Tensor, seeds: torch.Tensor,
+                  sampling: SamplingParams | None = None):
+        """Completions of one chunk of jobs from ``generation_backend`` (``sampling``: the training
+        sampling by default); returns a ``GenerationOutput``."""
+        return self.generation_backend.generate(prompt_ids, members, seeds, self.args.max_completion_length,
+                                                sampling or self.sampling)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list) -> torch.Tensor:
         """``(num_completions, num_reward_funcs)`` rewards, NaN where a function returned None."""
         keys = [k for k in inputs[0] if k not in ("prompt", "completion", "completion_ids")]
         columns = {k: [x[k] for x in inputs] for k in keys}
         return call_reward_funcs(self.reward_funcs, self.reward_func_names, prompts, completions,
-                                 completion_ids_list, columns, trainer_state=self.state)
+                                 completion_ids_list, columns, trainer_state=self.state, log=self._reward_log)
 
     def _shape_fitness(self, rewards: torch.Tensor) -> torch.Tensor:
         """``(num_prompts, N)`` rewards -> ``(N,)`` fitness (higher is better)."""
@@ -360,73 +352,52 @@ class EggrollTrainer(Trainer):
         return apply_es_update(self.population, fitness, self.optimizer, lr=lr)
 
     # ---- metrics and logging ------------------------------------------------------------------
-    def _record_metrics(self, batch, fitness, update_norm, seconds, mode="train"):
-        m = self._metrics[mode]
-        total = batch["total_rewards"]
-        table = batch["rewards"]  # (Q, N)
-        valid = ~torch.isnan(total)
-        m["reward"].append(float(total[valid].mean()) if valid.any() else math.nan)
-        group_std = torch.stack([row[~torch.isnan(row)].std(unbiased=False) if (~torch.isnan(row)).sum() > 0
-                                 else torch.tensor(math.nan) for row in table])
-        m["reward_std"].append(float(torch.nanmean(group_std)))
-        m["frac_reward_zero_std"].append(float((group_std < 1e-6).float().mean()))
-        for i, name in enumerate(self.reward_func_names):
-            col = batch["rewards_per_func"][:, i]
-            col = col[~torch.isnan(col)]
-            m[f"rewards/{name}/mean"].append(float(col.mean()) if col.numel() else math.nan)
-            m[f"rewards/{name}/std"].append(float(col.std(unbiased=False)) if col.numel() else math.nan)
-        lengths = torch.tensor(batch["completion_lengths"], dtype=torch.float32)
-        clipped = torch.tensor([r == "length" for r in batch["finish_reasons"]])
-        m["completions/mean_length"].append(float(lengths.mean()))
-        m["completions/min_length"].append(float(lengths.min()))
-        m["completions/max_length"].append(float(lengths.max()))
-        m["completions/clipped_ratio"].append(float(clipped.float().mean()))
-        term = lengths[~clipped]
-        m["completions/mean_terminated_length"].append(float(term.mean()) if term.numel() else 0.0)
-        self.state.num_input_tokens_seen += int(sum(batch["prompt_lengths"]) + lengths.sum())
-        m["step_time"].append(seconds)
-        if mode == "train":
-            per_member = torch.nanmean(table, dim=0)  # raw fitness, before shaping
-            m["es/sigma"].append(self.population.sigma)
-            m["es/update_norm"].append(update_norm)
-            m["fitness/raw_mean"].append(float(torch.nanmean(per_member)))
-            m["fitness/raw_max"].append(float(per_member.nan_to_num(-math.inf).max()))
-            m["fitness/raw_min"].append(float(per_member.nan_to_num(math.inf).min()))
-            m["fitness/shaped_std"].append(float(fitness.std(unbiased=False)))
-            if self.args.es_debug_checksum:
-                checksum = self.weight_checksum()
-                check_replicas_equal(checksum, self.accelerator.num_processes)
-                m["es/weight_checksum"].append(checksum)
-        if self.args.log_completions:
-            self._last_table = {
-                "step": [self.state.global_step] * len(batch["prompts"]),
-                "member": batch["members"].tolist(),
-                "prompt": [str(p) for p in batch["prompts"]],
-                "completion": batch["completions"],
-                **{name: batch["rewards_per_func"][:, i].tolist() for i, name in enumerate(self.reward_func_names)},
-                "reward": total.tolist(),
-            }
+    def _step_metrics(self, batch: dict, fitness: torch.Tensor, update_norm: float, seconds: float) -> dict:
+        """One training step's metrics (GRPO's names, plus ``es/`` and ``fitness/``)."""
+        m = _reward_metrics(batch, self.reward_func_names)
+        per_member = torch.nanmean(batch["rewards"], dim=0)  # raw fitness, before shaping
+        m.update({"step_time": seconds, "es/sigma": self.population.sigma, "es/update_norm": update_norm,
+                  "fitness/raw_mean": float(torch.nanmean(per_member)),
+                  "fitness/raw_max": float(per_member.nan_to_num(-math.inf).max()),
+                  "fitness/raw_min": float(per_member.nan_to_num(math.inf).min()),
+                  "fitness/shaped_std": float(fitness.std(unbiased=False))})
+        if self.args.es_debug_checksum:
+            checksum = self.weight_checksum()
+            check_replicas_equal(checksum, self.accelerator.num_processes)
+            m["es/weight_checksum"] = checksum
+        return m
+
+    def _completions_table(self, batch: dict) -> dict:
+        """The step's completions table (``log_completions``): one row per job, TRL's columns plus
+        ``member``, and the columns reward functions logged with ``log_extra``."""
+        return {
+            "step": [self.state.global_step] * len(batch["prompts"]),
+            "member": batch["members"].tolist(),
+            "prompt": [str(p) for p in batch["prompts"]],
+            "completion": batch["completions"],
+            **{name: batch["rewards_per_func"][:, i].tolist() for i, name in enumerate(self.reward_func_names)},
+            **batch["extra"],
+            "reward": batch["total_rewards"].tolist(),
+        }
 
     def weight_checksum(self) -> float:
         """Sum of all perturbed weights in float64: a cheap cross-rank equality check."""
         return float(sum(p.weight.detach().double().sum() for p in self.population.params.values()))
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        metrics = {}
-        for key, vals in self._metrics[mode].items():
-            valid = [v for v in vals if not math.isnan(v)]
-            metrics[key] = sum(valid) / len(valid) if valid else None
-        if mode == "eval":
-            metrics = {f"eval_{k}": v for k, v in metrics.items()}
-        if mode == "train":
-            metrics["num_tokens"] = self.state.num_input_tokens_seen
-        logs = {**logs, **metrics}
-        logs.pop("grad_norm", None)  # ES has no gradient; es/update_norm is the direction's norm
+        """A training record gets the steps' metrics averaged since the last one (NaN skipped, as in
+        TRL); an evaluation record (``eval_*`` keys, from ``evaluate``) is logged as given."""
+        if not any(k.startswith("eval_") for k in logs):
+            averaged = {}
+            for key, vals in self._metrics.items():
+                valid = [v for v in vals if not math.isnan(v)]
+                averaged[key] = sum(valid) / len(valid) if valid else None
+            self._metrics.clear()
+            logs = {**logs, **averaged, "num_tokens": self.state.num_input_tokens_seen}
+            logs.pop("grad_norm", None)  # ES has no gradient; es/update_norm is the direction's norm
+            if self.args.log_completions and self._last_table is not None and self.is_world_process_zero():
+                self._write_completions_table()
         super().log(logs, start_time)
-        self._metrics[mode].clear()
-        if self.args.log_completions and self._last_table is not None and self.is_world_process_zero():
-            self._write_completions_table()
 
     def _write_completions_table(self):
         import pandas as pd
@@ -463,27 +434,67 @@ class EggrollTrainer(Trainer):
 
     # ---- evaluation ---------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
-        """Rewards of the unperturbed model on the eval prompts (greedy), logged as ``eval_*``.
+        """Rewards of the unperturbed model on the eval prompts, greedy, logged as ``eval_*``.
 
-        The per-problem rewards ``(num_problems, num_reward_funcs)`` (NaN where a function returned
-        None) are kept in ``self.last_eval_rewards``, for paired tests of a change."""
+        Runs the training rollout (``rollout``): the configured generation backend, the jobs shared
+        among the processes, every process returning the same metrics. The per-problem rewards
+        ``(num_problems, num_reward_funcs)`` (NaN where a function returned None) are kept in
+        ``self.last_eval_rewards``, for paired tests of a change.
+        """
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset")
         rows = [dataset[i] for i in range(len(dataset))]
-        prompts = [r["prompt"] for r in rows]
-        prompt_ids = self._tokenize_prompts(self._prompt_texts(prompts))
-        gen = self.engine.generate(prompt_ids, members=-1, seeds=0, max_new_tokens=self.args.max_completion_length,
-                                   sampling=SamplingParams(greedy=True))
-        texts = self.processing_class.batch_decode(gen.completion_ids, skip_special_tokens=True)
-        completions = [[{"role": "assistant", "content": t}] for t in texts] if _is_conversational(prompts[0]) else texts
-        per_func = self._calculate_rewards(rows, prompts, completions, gen.completion_ids)
-        self.last_eval_rewards = per_func
-        total = combine_rewards(per_func, self.reward_weights)
-        metrics = {f"{metric_key_prefix}_reward": float(torch.nanmean(total))}
+        E = len(rows)
+        out = self.rollout(rows, torch.arange(E), torch.full((E,), UNPERTURBED), torch.zeros(E, dtype=torch.long),
+                           SamplingParams(greedy=True))
+        self.last_eval_rewards = out["rewards_per_func"]
+        p = metric_key_prefix
+        metrics = {f"{p}_reward": float(torch.nanmean(out["total_rewards"]))}
         for i, name in enumerate(self.reward_func_names):
-            metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = float(torch.nanmean(per_func[:, i]))
-        metrics[f"{metric_key_prefix}_completions/mean_length"] = float(sum(gen.lengths) / max(len(gen.lengths), 1))
+            metrics[f"{p}_rewards/{name}/mean"] = float(torch.nanmean(out["rewards_per_func"][:, i]))
+        metrics[f"{p}_completions/mean_length"] = sum(out["completion_lengths"]) / E
+        metrics.update({f"{p}_{name}": v for name, v in out["reward_metrics"].items()})
         self.log(dict(metrics))
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+
+def _mean_of_logged(per_process: list[dict[str, tuple[float, int]]]) -> dict[str, float]:
+    """Each metric reward functions logged (``log_metric``): the mean of every value any process
+    logged (TRL's rule), from each process's ``{name: (sum, count)}``.
+
+    >>> _mean_of_logged([{"hit": (1.0, 2)}, {"hit": (2.0, 2), "len": (3.0, 1)}])
+    {'hit': 0.75, 'len': 3.0}
+    """
+    totals = defaultdict(lambda: [0.0, 0])
+    for metrics in per_process:
+        for name, (total, count) in metrics.items():
+            totals[name][0] += total
+            totals[name][1] += count
+    return {name: total / count for name, (total, count) in sorted(totals.items()) if count}
+
+
+def _reward_metrics(batch: dict, reward_func_names: list[str]) -> dict:
+    """GRPO's reward and completion metrics of a step, from its rollout and rewards table ``(Q, N)``."""
+    total, table = batch["total_rewards"], batch["rewards"]
+    valid = ~torch.isnan(total)
+    group_std = torch.stack([row[~torch.isnan(row)].std(unbiased=False) if (~torch.isnan(row)).sum() > 0
+                             else torch.tensor(math.nan) for row in table])  # (Q,): spread among the members
+    m = {"reward": float(total[valid].mean()) if valid.any() else math.nan,
+         "reward_std": float(torch.nanmean(group_std)),
+         "frac_reward_zero_std": float((group_std < 1e-6).float().mean())}
+    for i, name in enumerate(reward_func_names):
+        col = batch["rewards_per_func"][:, i]
+        col = col[~torch.isnan(col)]
+        m[f"rewards/{name}/mean"] = float(col.mean()) if col.numel() else math.nan
+        m[f"rewards/{name}/std"] = float(col.std(unbiased=False)) if col.numel() else math.nan
+    m.update(batch["reward_metrics"])  # what the reward functions logged with log_metric
+    lengths = torch.tensor(batch["completion_lengths"], dtype=torch.float32)
+    clipped = torch.tensor([r == "length" for r in batch["finish_reasons"]])
+    term = lengths[~clipped]
+    m.update({"completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
+              "completions/max_length": float(lengths.max()),
+              "completions/clipped_ratio": float(clipped.float().mean()),
+              "completions/mean_terminated_length": float(term.mean()) if term.numel() else 0.0})
+    return m

@@ -12,9 +12,10 @@ use every number once with + - * / to reach the target. What the script does, to
    a YAML file (``--config``; a key no dataclass knows is an error) plus command-line overrides.
 2. Data: generated problems (``rewards.countdown.make_countdown_dataset``, offline) or a file /
    hub dataset (``load_countdown``), split into training rows and ``num_eval`` held-out rows.
-3. Model: a hub id or path; ``tiny-countdown-base`` is the small character-level base model of
-   ``scripts/make_tiny_base.py`` (built into the cache on first use), ``tiny-random-llama`` a
-   random one. LoRA when ``use_peft`` (ES then perturbs only the adapters).
+3. Model: a hub id or path, or a named model built into the cache on first use:
+   ``tiny-countdown-base`` (the small character-level Countdown model of
+   ``rewards/countdown_base.py``), ``tiny-random-llama`` (a random one). LoRA when ``use_peft``
+   (ES then perturbs only the adapters).
 4. Greedy held-out accuracy (mean of ``countdown_reward``) before training, every ``eval_steps``
    (``eval_strategy: steps``) and after; ``metrics.jsonl``, ``eval_results.json`` and the model
    are written to ``output_dir``. ``--eval_only`` scores a model without training.
@@ -26,20 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # rewards/ and scripts/ live beside the package
+if str(ROOT) not in sys.path:  # rewards/ lives beside the package
     sys.path.insert(0, str(ROOT))
 
-from trl import ModelConfig, TrlParser, get_peft_config  # noqa: E402
+from trl import ModelConfig, TrlParser  # noqa: E402
 
-from eggroll_ft import EggrollConfig, EggrollTrainer  # noqa: E402
-from eggroll_ft.callbacks import JsonlMetricsCallback  # noqa: E402
-from eggroll_ft.recipe_utils import (RecipeArguments, check_world_size, heldout_split, model_init_kwargs,  # noqa: E402
-                                     resolve_model_name, train_and_evaluate)
-from rewards import get_reward_func  # noqa: E402
+from eggroll_ft import EggrollConfig  # noqa: E402
+from eggroll_ft.recipe_utils import RecipeArguments, heldout_split, run_recipe  # noqa: E402
+import rewards  # noqa: E402,F401  (registers the task rewards and tiny-countdown-base)
 from rewards.countdown import TEMPLATES, load_countdown, make_countdown_dataset  # noqa: E402
-
-TINY_BASE = "tiny-countdown-base"
-
 
 @dataclass
 class CountdownArguments(RecipeArguments):
@@ -68,14 +64,6 @@ def validate_config(path: str) -> tuple:
     return make_parser().parse_args_and_config(["--config", str(path)])
 
 
-def resolve_model(name: str) -> str:
-    if name == TINY_BASE:
-        from scripts.make_tiny_base import ensure_tiny_base
-
-        return ensure_tiny_base()
-    return resolve_model_name(name)
-
-
 def build_datasets(script_args: CountdownArguments):
     """``(train, heldout)`` with columns prompt, nums, target (and solution when generated)."""
     a = script_args
@@ -90,29 +78,7 @@ def build_datasets(script_args: CountdownArguments):
 
 def main(argv: list[str] | None = None) -> dict:
     script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
-    check_world_size(training_args)
-    if model_args.model_name_or_path is None:
-        raise ValueError("model_name_or_path=None: give a hub id, a local path or 'tiny-countdown-base'")
-
-    # Rank 0 first: it builds the tiny models and fills the datasets cache, the others then reuse them.
-    with training_args.main_process_first(desc="model and data"):
-        model_path = resolve_model(model_args.model_name_or_path)
-        train_dataset, eval_dataset = build_datasets(script_args)
-    training_args.model_init_kwargs = {**model_init_kwargs(model_args), **(training_args.model_init_kwargs or {})}
-
-    trainer = EggrollTrainer(
-        model=model_path,
-        reward_funcs=[get_reward_func(name) for name in script_args.reward_funcs],
-        args=training_args,
-        train_dataset=eval_dataset if script_args.eval_only else train_dataset,
-        eval_dataset=eval_dataset,
-        peft_config=get_peft_config(model_args),
-        callbacks=[JsonlMetricsCallback()],
-    )
-    results = train_and_evaluate(trainer, "countdown_reward", eval_only=script_args.eval_only,
-                                 eval_before_training=script_args.eval_before_training)
-    trainer.end()
-    return results
+    return run_recipe(script_args, training_args, model_args, build_datasets, "countdown_reward")
 
 
 if __name__ == "__main__":

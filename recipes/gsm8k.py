@@ -29,13 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # rewards/ lives beside the package
     sys.path.insert(0, str(ROOT))
 
-from trl import ModelConfig, TrlParser, get_peft_config  # noqa: E402
+from trl import ModelConfig, TrlParser  # noqa: E402
 
-from eggroll_ft import EggrollConfig, EggrollTrainer  # noqa: E402
-from eggroll_ft.callbacks import JsonlMetricsCallback  # noqa: E402
-from eggroll_ft.recipe_utils import (RecipeArguments, check_world_size, model_init_kwargs,  # noqa: E402
-                                     resolve_model_name, train_and_evaluate)
-from rewards import get_reward_func  # noqa: E402
+from eggroll_ft import EggrollConfig  # noqa: E402
+from eggroll_ft.recipe_utils import RecipeArguments, run_recipe  # noqa: E402
+import rewards  # noqa: E402,F401  (registers the task rewards)
 from rewards.gsm8k import TEMPLATES, load_gsm8k  # noqa: E402
 
 
@@ -74,29 +72,7 @@ def build_datasets(script_args: GSM8KArguments):
 
 def main(argv: list[str] | None = None) -> dict:
     script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
-    check_world_size(training_args)
-    if model_args.model_name_or_path is None:
-        raise ValueError("model_name_or_path=None: give a hub id, a local path or 'tiny-random-llama'")
-
-    # Rank 0 first: it builds the tiny model and fills the datasets cache, the others then reuse them.
-    with training_args.main_process_first(desc="model and data"):
-        model_path = resolve_model_name(model_args.model_name_or_path)
-        train_dataset, eval_dataset = build_datasets(script_args)
-    training_args.model_init_kwargs = {**model_init_kwargs(model_args), **(training_args.model_init_kwargs or {})}
-
-    trainer = EggrollTrainer(
-        model=model_path,
-        reward_funcs=[get_reward_func(name) for name in script_args.reward_funcs],
-        args=training_args,
-        train_dataset=eval_dataset if script_args.eval_only else train_dataset,
-        eval_dataset=eval_dataset,
-        peft_config=get_peft_config(model_args),
-        callbacks=[JsonlMetricsCallback()],
-    )
-    results = train_and_evaluate(trainer, "gsm8k_reward", eval_only=script_args.eval_only,
-                                 eval_before_training=script_args.eval_before_training)
-    trainer.end()
-    return results
+    return run_recipe(script_args, training_args, model_args, build_datasets, "gsm8k_reward")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ are accepted and ignored; its ``float:`` section holds the keys below) and logs 
 (``eval/bpb`` on the same held-out windows, ``time/train_s``) to ``metrics.jsonl``; checkpoints and
 ``--resume`` work the same way, and so does ``--device`` (plain float torch: model, windows and
 state on the device; the checkpoint loads onto the run's device). Its helpers (config parsing,
-logging, atomic saves, the device choice) come from the int8 recipe, its sibling script.
+logging, atomic saves, the device choice) are ``eggroll_ft.mingru_recipe``, shared with the int8 recipe.
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ import torch
 from tqdm import tqdm
 
 from eggroll_ft.bytes_data import ByteStreams, eval_windows, load_byte_splits, unigram_entropy
+from eggroll_ft.mingru_recipe import (ESArgs, MetricsLog, RunArgs, parse_config, resolve_device,
+                                      save_atomic, truncate_metrics)
 from eggroll_ft.models.mingru import FloatMinGRU, MinGRUConfig, num_params
-from pretrain_mingru_int8 import (ESArgs, MetricsLog, RunArgs, parse_config, resolve_device, save_atomic,
-                                  truncate_metrics)
 
 
 @dataclass

@@ -12,6 +12,7 @@ functions serve ``EggrollTrainer`` and ``trl.GRPOTrainer``. Answers are parsed b
 """
 from __future__ import annotations
 
+import itertools
 import os
 import random
 from fractions import Fraction
@@ -78,19 +79,52 @@ _COMBINE = (
 )
 
 
-def solve(nums: list[int], target: int) -> str | None:
+def _canonical_tree(nums: list[int], target: Fraction):
+    """The first canonical expression tree equal to ``target``, or None (see ``solve``)."""
+    combine = dict(_COMBINE)
+    for perm in itertools.permutations(range(len(nums))):
+        for ops in itertools.product("+-*/", repeat=len(nums) - 1):  # a left-to-right chain
+            value, tree = Fraction(nums[perm[0]]), nums[perm[0]]
+            for op, i in zip(ops, perm[1:]):
+                value = combine[op](value, Fraction(nums[i]))
+                if value is None:
+                    break
+                tree = (op, tree, nums[i])
+            if value is not None and value == target:
+                return tree
+    if len(nums) == 4:  # the balanced (a op b) op (c op d)
+        for perm in itertools.permutations(range(4)):
+            a, b, c, d = (nums[i] for i in perm)
+            for o1, o2, o3 in itertools.product("+-*/", repeat=3):
+                left, right = combine[o1](Fraction(a), Fraction(b)), combine[o3](Fraction(c), Fraction(d))
+                value = None if left is None or right is None else combine[o2](left, right)
+                if value is not None and value == target:
+                    return (o2, (o1, a, b), (o3, c, d))
+    return None
+
+
+def solve(nums: list[int], target: int, general: bool = True) -> str | None:
     """An expression using every number of ``nums`` exactly once that equals ``target``, or None.
 
-    Exhaustive search over pairs of remaining values and the four operators (both operand
-    orders), in exact ``Fraction`` arithmetic; multisets of values already known to fail are
-    skipped.
+    Canonical forms first, in one fixed order: left-to-right chains ``((a op b) op c) op d`` over
+    the orderings of ``nums`` (in the order given, operators ``+ - * /``), then for four numbers
+    the balanced ``(a op b) op (c op d)``. One fixed search order gives one answer per problem,
+    which a tiny model learns more easily (``rewards/countdown_base.py`` trains on them). Unless
+    ``general=False``, an exhaustive search over all expression trees follows: pairs of remaining
+    values and the four operators (both operand orders), in exact ``Fraction`` arithmetic, skipping
+    multisets of values already known to fail.
 
-    >>> solve([3, 5, 7], 22)
-    '7 + 3 * 5'
+    >>> solve([3, 5, 7], 22), solve([10, 10, 1, 1], 50)
+    ('3 * 5 + 7', '10 * 10 / (1 + 1)')
+    >>> solve([10, 6, 2], 7), solve([10, 6, 2], 7, general=False)
+    ('10 - 6 / 2', None)
     >>> solve([1, 1], 5) is None
     True
     """
-    target = Fraction(int(target))
+    nums, target = [int(x) for x in nums], Fraction(int(target))
+    tree = _canonical_tree(nums, target)
+    if tree is not None or not general:
+        return None if tree is None else tree_to_str(tree)
     failed: set[tuple[Fraction, ...]] = set()
 
     def search(items):  # items: list of (value, tree)
@@ -117,7 +151,7 @@ def solve(nums: list[int], target: int) -> str | None:
         failed.add(key)
         return None
 
-    tree = search([(Fraction(int(x)), int(x)) for x in nums])
+    tree = search([(Fraction(x), x) for x in nums])
     return None if tree is None else tree_to_str(tree)
 
 

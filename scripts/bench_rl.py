@@ -50,7 +50,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     common = dict(env_id="CartPole-v1", population_size=args.population_size, hidden_size=args.hidden_size,
-                  num_layers=args.num_layers, sigma=0.1, lr=0.01, optimizer="sgd", seed=0)
+                  num_layers=args.num_layers, sigma=0.1, learning_rate=0.01, optimizer="sgd", seed=0)
     methods = {f"eggroll_r{r}": RLConfig(method="eggroll", rank=r, **common) for r in args.ranks}
     methods["openes"] = RLConfig(method="openes", **common)
     torch.manual_seed(0)

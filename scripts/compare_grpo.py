@@ -6,7 +6,7 @@
 What makes the comparison fair, top to bottom:
 
 1. Same base model: each method loads a fresh copy from the same checkpoint (default: the tiny
-   character-level Countdown model of ``scripts/make_tiny_base.py``, built into the cache on first use).
+   character-level Countdown model of ``rewards/countdown_base.py``, built into the cache on first use).
 2. Same data and reward: the same generated training prompts (disjoint from the held-out ones) and
    the same reward functions and weights (``rewards/``) for both trainers.
 3. Same budget: training wall-clock seconds (evaluation time excluded) or completions generated,
@@ -145,25 +145,26 @@ def run_method(spec: dict) -> None:
 
     from eggroll_ft import EggrollConfig, EggrollTrainer
     from eggroll_ft.compare import BudgetCallback, CountingReward, greedy_accuracy, peak_rss_mb
-    from rewards import get_reward_func
+    import rewards  # noqa: F401  (registers the task rewards)
+    from eggroll_ft.reward_funcs import resolve_reward_func
 
     a, method, settings, run_dir = CompareArguments(**spec["args"]), spec["method"], spec["settings"], spec["run_dir"]
     torch.set_num_threads(a.threads)
     rss_after_imports = peak_rss_mb()
     train, heldout, accuracy_reward, columns = datasets_for(a, spec["split"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
-    counter = CountingReward(get_reward_func(a.reward_funcs[0]))
-    rewards = [counter, *(get_reward_func(r) for r in a.reward_funcs[1:])]
+    counter = CountingReward(resolve_reward_func(a.reward_funcs[0]))
+    reward_funcs = [counter, *(resolve_reward_func(r) for r in a.reward_funcs[1:])]
     common = dict(output_dir=run_dir, max_steps=10**7, logging_steps=1, save_strategy="no", report_to="none",
                   seed=a.seed, use_cpu=True, lr_scheduler_type="constant", disable_tqdm=True,
                   max_completion_length=a.max_completion_length, reward_weights=a.reward_weights)
     if method == "grpo":
         args = GRPOConfig(**{**common, "bf16": False, "gradient_checkpointing": False, **settings})
-        trainer = GRPOTrainer(model=spec["model_path"], reward_funcs=rewards, args=args, train_dataset=train,
+        trainer = GRPOTrainer(model=spec["model_path"], reward_funcs=reward_funcs, args=args, train_dataset=train,
                               processing_class=tokenizer)
     else:
         args = EggrollConfig(**{**common, **settings})
-        trainer = EggrollTrainer(model=spec["model_path"], reward_funcs=rewards, args=args, train_dataset=train,
+        trainer = EggrollTrainer(model=spec["model_path"], reward_funcs=reward_funcs, args=args, train_dataset=train,
                                  processing_class=tokenizer)
 
     def evaluate():
@@ -295,15 +296,10 @@ def main(argv: list[str] | None = None) -> dict:
     (a,) = TrlParser((CompareArguments,)).parse_args_and_config(argv)
     os.makedirs(a.output_dir, exist_ok=True)
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    model_path = a.model_name_or_path
-    if model_path == "tiny-countdown-base":
-        from scripts.make_tiny_base import ensure_tiny_base
+    import rewards  # noqa: F401  (registers the task rewards and the named model tiny-countdown-base)
+    from eggroll_ft.models.named import resolve_model_name
 
-        model_path = ensure_tiny_base()
-    else:
-        from eggroll_ft.models.named import resolve_model_name
-
-        model_path = resolve_model_name(model_path)
+    model_path = resolve_model_name(a.model_name_or_path)  # a named model is built here once, not per method
     settings = {m: getattr(a, m) for m in a.methods}
     if a.sweep:
         settings = run_sweep(a, model_path)

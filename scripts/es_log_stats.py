@@ -44,12 +44,10 @@ def main(argv=None) -> dict:
 
         from eggroll_ft.population import select_linear_modules
 
-        path = a.model
-        if path == "tiny-countdown-base":
-            from scripts.make_tiny_base import ensure_tiny_base
+        import rewards  # noqa: F401  (registers the named model tiny-countdown-base)
+        from eggroll_ft.models.named import resolve_model_name
 
-            path = ensure_tiny_base()
-        model = AutoModelForCausalLM.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_name(a.model))
         weight_norm = sum(float(m.weight.detach().pow(2).sum()) for m in select_linear_modules(model).values()) ** 0.5
         out.update(weight_norm=weight_norm, step_over_weight_norm=a.learning_rate * out["update_norm_median"] / weight_norm)
     for k, v in out.items():

@@ -113,26 +113,6 @@ def test_shared_prompt_prefix_equals_full_prefill(tok, sampling):
     assert calls == []
 
 
-def test_per_job_sampling_parameters_follow_refills(tok):
-    """Greedy jobs first, then sampled jobs with and without top-k / top-p, through 3 slots: the
-    engine's per-slot flags (all greedy? any filter?) are refreshed on every refill, so each job
-    gives what it gives alone."""
-    model, pop, prompts, members = _setup(tok)
-    J = len(prompts)
-    greedy = torch.tensor([j < 4 for j in range(J)])
-    top_k = torch.tensor([0 if j % 3 else 15 for j in range(J)])
-    top_p = torch.tensor([0.9 if j % 4 == 1 else 1.0 for j in range(J)])
-    seeds = torch.arange(J) + 5
-    kw = dict(max_new_tokens=8, temperature=1.4)
-    out = _engine(model, pop, max_sequences_in_flight=3).generate(prompts, members, seeds, greedy=greedy, top_k=top_k,
-                                                                  top_p=top_p, **kw)
-    alone = _engine(model, pop)
-    for j in range(J):
-        one = alone.generate([prompts[j]], members[j:j + 1], seeds[j:j + 1], greedy=greedy[j:j + 1],
-                             top_k=top_k[j:j + 1], top_p=top_p[j:j + 1], **kw)
-        assert out.completion_ids[j] == one.completion_ids[0], j
-
-
 def test_seeded_sampling_reproduces_across_runs_and_slot_orders(tok):
     model, pop, prompts, members = _setup(tok)
     seeds = torch.arange(len(prompts)) + 100

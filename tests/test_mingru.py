@@ -255,8 +255,6 @@ def test_config_and_weight_validation():
 # ------------------------------------------------------------------ recipes (in-process, tiny)
 def _load_recipe(name):
     import sys
-    if str(ROOT / "recipes") not in sys.path:
-        sys.path.insert(0, str(ROOT / "recipes"))  # the float recipe imports its int8 sibling
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
         sys.modules[name] = importlib.util.module_from_spec(spec)

@@ -22,8 +22,8 @@ from datasets import Dataset
 
 from eggroll_ft import EggrollConfig
 from eggroll_ft.callbacks import JsonlMetricsCallback, read_metrics
-from eggroll_ft.distributed import requested_cpu_processes
-from eggroll_ft.recipe_utils import check_world_size, heldout_split, train_and_evaluate
+from eggroll_ft.config import requested_cpu_processes
+from eggroll_ft.recipe_utils import heldout_split, train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -33,7 +33,8 @@ GSM8K_TINY = ROOT / "recipes" / "configs" / "gsm8k" / "tiny_cpu.yaml"
 ARITHMETIC_TINY = ROOT / "recipes" / "configs" / "arithmetic" / "tiny_cpu.yaml"
 # A few-second tiny base (the test_tiny_base.py budget): one layer, 32 wide, 40 steps.
 TINY_BASE_ARGS = ["--steps", "40", "--hidden_size", "32", "--num_layers", "1", "--num_heads", "2", "--num_train", "600",
-                  "--num_eval", "8", "--batch_size", "16", "--warmup_steps", "5", "--lr", "1e-2", "--max_new_tokens", "12"]
+                  "--num_eval", "8", "--batch_size", "16", "--warmup_steps", "5", "--learning_rate", "1e-2",
+                  "--max_new_tokens", "12"]
 # Tiny budget for the end-to-end runs: overrides on top of the tiny YAML configs.
 TINY_BUDGET = ["--max_steps", "2", "--eval_steps", "1", "--num_eval", "4", "--population_size", "4",
                "--prompts_per_step", "1", "--num_train", "40", "--logging_steps", "1"]
@@ -207,11 +208,7 @@ def test_jsonl_callback_appends_strict_json(tmp_path):
         {"step": 3, "epoch": 0.5, "reward": 0.25, "eval_reward": None}, {"step": 4, "epoch": 0.5, "reward": 0.5}]
 
 
-def test_launch_checks(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="WORLD_SIZE=2 .* pass --use_cpu true"):
-        check_world_size(SimpleNamespace(world_size=1, use_cpu=False))
-    check_world_size(SimpleNamespace(world_size=2, use_cpu=True))
+def test_launch_checks():
     # `accelerate launch --cpu --num_processes N` starts one process; only the launcher's argv tells N
     cpu = {"ACCELERATE_USE_CPU": "True"}
     assert requested_cpu_processes(cpu, ["accelerate", "launch", "--cpu", "--num-processes=3", "x.py"]) == 3

@@ -117,7 +117,7 @@ def test_native_cartpole_vector_env_counts_whole_episodes():
 
 def es_config(**kw):
     base = dict(env_id="CartPole-v1", method="eggroll", total_env_steps=400, population_size=8, hidden_size=32,
-                num_layers=3, sigma=0.1, lr=0.05, sigma_decay=0.9, lr_decay=0.8, eval_episodes=2, eval_every_steps=1)
+                num_layers=3, sigma=0.1, learning_rate=0.05, sigma_decay=0.9, learning_rate_decay=0.8, eval_episodes=2, eval_every_steps=1)
     return RLConfig(**{**base, **kw})
 
 
@@ -134,12 +134,12 @@ def test_train_es_is_deterministic_and_follows_the_schedules(method, optimizer):
     assert len(recs) >= 2 and recs[-1]["env_steps"] >= 1500
     for r in recs:
         assert r["sigma"] == pytest.approx(0.1 * 0.9 ** r["generation"])
-        assert r["lr"] == pytest.approx(0.05 * 0.8 ** r["generation"])
+        assert r["learning_rate"] == pytest.approx(0.05 * 0.8 ** r["generation"])
         assert r["update_norm"] > 0 and r["eval_return"] >= 8
     assert [r["env_steps"] for r in recs] == sorted(r["env_steps"] for r in recs)
 
 
-def test_sgd_generation_moves_weights_by_lr_times_direction():
+def test_sgd_generation_moves_weights_by_learning_rate_times_direction():
     from eggroll_ft.es_update import es_directions
     from eggroll_ft.shaping import shape_fitness
 
@@ -182,6 +182,9 @@ def test_config_errors_name_the_field(bad, field):
         RLConfig(**bad)
     with pytest.raises(ValueError, match="popsize"):
         RLConfig.from_dict({"popsize": 4})
+    # configs written with the old names are refused with the new ones (EggrollConfig.learning_rate)
+    with pytest.raises(ValueError, match="lr -> learning_rate, lr_decay -> learning_rate_decay"):
+        RLConfig.from_dict({"lr": 0.05, "lr_decay": 0.9})
 
 
 def test_cpu_time_cap_stops_after_the_generation_that_crosses_it():
@@ -261,7 +264,7 @@ def test_eggroll_solves_cartpole():
     """
     torch.set_num_threads(1)
     recs = []
-    cfg = RLConfig(env_id="CartPole-v1", method="eggroll", rank=1, population_size=128, sigma=0.1, lr=0.05,
+    cfg = RLConfig(env_id="CartPole-v1", method="eggroll", rank=1, population_size=128, sigma=0.1, learning_rate=0.05,
                    optimizer="adam", total_env_steps=400_000, eval_episodes=16, eval_every_steps=1)
     train_es(cfg, recs.append)
     assert recs[-1]["eval_return"] >= 475, [round(r["eval_return"]) for r in recs]

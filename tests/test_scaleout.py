@@ -7,20 +7,27 @@ import time
 import warnings
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from eggroll_ft.distributed import local_chunks, warn_if_cpu_multiprocess_ignored
+from eggroll_ft import EggrollConfig
+from eggroll_ft.config import warn_if_cpu_multiprocess_ignored
+from eggroll_ft.distributed import local_chunks
 from eggroll_ft.testing import free_port
 
 SCRIPT = Path(__file__).parent / "data" / "scaleout_script.py"
 ROOT = Path(__file__).parents[1]
 
 
-def _run(out, nproc, *extra, timeout=400):
+def _run(out, nproc, *extra, timeout=400, launcher="torchrun"):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT)}
     if nproc == 1:
         cmd = [sys.executable, str(SCRIPT), str(out), *extra]
+    elif launcher == "accelerate":  # as a user types it: `accelerate launch --multi_gpu --num_processes K script.py`
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), str(SCRIPT), str(out), *extra]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(free_port()), str(SCRIPT), str(out), *extra]
@@ -33,16 +40,38 @@ def _result(out):
     return json.loads((Path(out) / "result.json").read_text())
 
 
-def test_one_and_two_processes_are_bit_identical(tmp_path):
-    one, _ = _run(tmp_path / "one", 1)
+def test_one_and_two_processes_are_bit_identical_in_training_and_evaluation(tmp_path):
+    """Two processes launched as a user would on a machine without a GPU, `accelerate launch
+    --multi_gpu --num_processes 2 script.py` with use_cpu left False, share the work (EggrollConfig
+    joins them to their gloo group) instead of each training alone. Training gives the one-process
+    weights, rewards and completions table (with a reward's log_extra column); evaluation runs the
+    same sharded rollout: each process scores half of the 8 eval jobs, both report the one-process
+    metrics."""
+    one, _ = _run(tmp_path / "one", 1, "--eval")
     assert one.returncode == 0, one.stderr[-3000:]
-    two, _ = _run(tmp_path / "two", 2)
+    two, _ = _run(tmp_path / "two", 2, "--eval", "--no-use-cpu", launcher="accelerate")
     assert two.returncode == 0, two.stderr[-3000:]
     assert "terminate called" not in two.stderr
     r1, r2 = _result(tmp_path / "one"), _result(tmp_path / "two")
-    assert r1["world_size"] == 1 and r2["world_size"] == 2
+    assert r1["world_size"] == 1 and r2["world_size"] == 2 and r2["use_cpu"]
     assert r1["weights_sha256"] == r2["weights_sha256"]
     assert r1["rewards"] == r2["rewards"] and len(r1["rewards"]) == 3
+    assert r1["eval"] == r2["eval"] and set(r1["eval"]) >= {"eval_reward", "eval_rewards/target_fraction/mean"}
+    scored = {run: [json.loads((tmp_path / run / f"eval_scored_rank{r}.json").read_text()) for r in range(n)]
+              for run, n in (("one", 1), ("two", 2))}
+    assert scored == {"one": [8], "two": [4, 4]}
+    tables = [pd.read_parquet(tmp_path / run / "completions" / "completions_00003.parquet") for run in ("one", "two")]
+    assert len(tables[0]) == 16 and "target_count" in tables[0] and tables[0].equals(tables[1])
+
+
+def test_a_launch_this_process_cannot_join_fails_naming_the_fix(tmp_path, monkeypatch):
+    """WORLD_SIZE=2 on a machine taken to have a GPU (so use_cpu is not set for the user) while this
+    process has no rank: it would train alone, so the config refuses."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr("eggroll_ft.config._has_distributed_accelerator", lambda: True)
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 processes were launched but this process joined world_size=1"):
+        EggrollConfig(str(tmp_path), report_to="none")
 
 
 def test_process_group_is_destroyed_at_exit(tmp_path):

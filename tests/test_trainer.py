@@ -5,11 +5,13 @@ import sys
 import warnings
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from datasets import Dataset
 
 from eggroll_ft import EggrollConfig, EggrollTrainer
+from eggroll_ft.reward_funcs import RewardLog
 from eggroll_ft.testing import char_fraction_reward, char_tokenizer, tiny_llama
 
 HERE = Path(__file__).parent
@@ -142,25 +144,31 @@ def test_reward_protocol_columns_async_none_and_weights(tmp_path):
         assert key in log, key
 
 
-def test_conversational_prompts_and_log_completions(tmp_path):
-    tok = char_tokenizer(ALPHABET + "<>|")
+def test_conversational_prompts_log_completions_and_trl_accuracy_reward(tmp_path):
+    """Chat prompts go through the chat template, completions come back as messages; TRL's own
+    ``trl.rewards.accuracy_reward`` (math-verify, offline) runs unchanged and fills its log_extra
+    columns in the completions table."""
+    from trl.rewards import accuracy_reward
+
+    tok = char_tokenizer(ALPHABET + "<>|0123456789$")
     tok.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}{% if add_generation_prompt %}|{% endif %}"
-    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": "abc"}], [{"role": "user", "content": "hgf"}]]})
+    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": "abc"}], [{"role": "user", "content": "hgf"}]],
+                            "solution": ["$2$", "$4$"]})
     got = []
 
     def chat_reward(completions, **kwargs):
         got.append(completions[0])
         return [c[-1]["content"].count("a") / 6 for c in completions]
 
-    tr = EggrollTrainer(tiny_llama(len(tok), init_std=0.5), chat_reward, processing_class=tok, train_dataset=ds,
-                        args=_args(tmp_path, max_steps=1, log_completions=True))
+    tr = EggrollTrainer(tiny_llama(len(tok), init_std=0.5), [chat_reward, accuracy_reward], processing_class=tok,
+                        train_dataset=ds, args=_args(tmp_path, max_steps=1, log_completions=True))
     tr.train()
     assert got[0][0]["role"] == "assistant" and isinstance(got[0][0]["content"], str)
-    table = tmp_path / "out" / "completions" / "completions_00001.parquet"
-    import pandas as pd
-
-    df = pd.read_parquet(table)
+    df = pd.read_parquet(tmp_path / "out" / "completions" / "completions_00001.parquet")
     assert len(df) == 4 * 2 and {"member", "prompt", "completion", "chat_reward", "reward"} <= set(df.columns)
+    assert {"accuracy_reward", "solution", "gold_parsed", "answer_parsed"} <= set(df.columns)
+    assert sorted(set(df["solution"])) == ["$2$", "$4$"] and set(df["accuracy_reward"]) <= {0.0, 1.0}
+    assert all(g.startswith("[") for g in df["gold_parsed"])  # math-verify parsed every gold answer
 
 
 def test_a_step_without_signal_is_warned_once(tmp_path):
@@ -184,6 +192,66 @@ def test_a_step_without_signal_is_warned_once(tmp_path):
         tr.train()
     assert not any("no signal to follow" in str(w.message) for w in rec)
     assert all(h["frac_reward_zero_std"] < 1 for h in tr.state.log_history if "frac_reward_zero_std" in h)
+
+
+def test_evaluate_runs_the_training_rollout_through_the_configured_backend(tmp_path):
+    """evaluate() goes through ``rollout`` -> ``_generate`` -> ``generation_backend``, in chunks of
+    max_sequences_in_flight, greedy, on the unperturbed model. With ``generation_backend="hf"`` its
+    metrics are exactly those of scoring ``model.generate``'s greedy completions directly."""
+    from eggroll_ft.compare import greedy_accuracy
+
+    tok = char_tokenizer(ALPHABET)
+    evals = _data(8)
+    results, calls = {}, {}
+    for backend in ("engine", "hf"):
+        model = tiny_llama(len(tok), init_std=0.5)
+        tr = EggrollTrainer(model, char_fraction_reward("a"), processing_class=tok, train_dataset=_data(),
+                            eval_dataset=evals, args=_args(tmp_path, generation_backend=backend, max_sequences_in_flight=3,
+                                                           max_completion_length=8))
+        real, log = tr.generation_backend.generate, calls.setdefault(backend, [])
+
+        def spy(prompt_ids, members, seeds, max_new_tokens, sampling, real=real, log=log):
+            log.append((len(prompt_ids), set(members.tolist()), max_new_tokens, sampling.greedy))
+            return real(prompt_ids, members, seeds, max_new_tokens, sampling)
+
+        tr.generation_backend.generate = spy  # the real backend runs; the spy records its calls
+        results[backend] = tr.evaluate()
+        if backend == "hf":
+            direct = greedy_accuracy(model, tok, evals["prompt"], {"target": evals["target"]}, char_fraction_reward("a"),
+                                     max_new_tokens=8, batch_size=3)
+    assert calls["engine"] == calls["hf"] == [(3, {-1}, 8, True), (3, {-1}, 8, True), (2, {-1}, 8, True)]
+    assert set(results["hf"]) == {"eval_reward", "eval_rewards/char_fraction/mean", "eval_completions/mean_length"}
+    assert results["hf"]["eval_reward"] == pytest.approx(direct, abs=1e-6)
+    assert results["engine"] == pytest.approx(results["hf"], abs=1e-6)  # the engine: the same greedy completions
+
+
+def test_reward_functions_log_extra_columns_and_metrics_as_in_trl(tmp_path):
+    """TRL 1.16 passes ``log_extra(column, values)`` and ``log_metric(name, value)`` to reward
+    functions: extra columns join the completions table, metrics are averaged into the logs
+    (training: over the logging interval; evaluation: ``eval_<name>``)."""
+    logged = []
+
+    def counting_reward(completions, target, log_extra, log_metric, **kwargs):
+        counts = [c.count(t) for c, t in zip(completions, target)]
+        log_extra("target_count", counts)
+        logged.append(sum(n > 0 for n in counts) / len(counts))
+        log_metric("hit_rate", logged[-1])
+        return [float(n) for n in counts]
+
+    tok = char_tokenizer(ALPHABET)
+    tr = EggrollTrainer(tiny_llama(len(tok), init_std=0.5), counting_reward, processing_class=tok, train_dataset=_data(),
+                        eval_dataset=_data(4), args=_args(tmp_path, log_completions=True, logging_steps=2))
+    tr.train()
+    (record,) = [h for h in tr.state.log_history if "hit_rate" in h]
+    assert record["hit_rate"] == pytest.approx(sum(logged) / 2) and len(logged) == 2  # two steps, one record
+    df = pd.read_parquet(tmp_path / "out" / "completions" / "completions_00002.parquet")
+    assert len(df) == 4 * 2 and df["target_count"].tolist() == [int(r) for r in df["counting_reward"]]
+    metrics = tr.evaluate()
+    assert metrics["eval_hit_rate"] == logged[-1] and len(logged) == 3
+    with pytest.raises(ValueError, match=r"log_extra\('short', ...\) received 1 values for 2 completions"):
+        log = RewardLog()
+        log.log_extra("short", [1])
+        log.flush(2)
 
 
 def test_hf_backend_and_adam(tmp_path):

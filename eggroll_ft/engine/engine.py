@@ -148,12 +148,11 @@ class PopulationEngine:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], members=None, seeds=None, max_new_tokens: int = 64,
-                 sampling: SamplingParams | None = None, temperature=None, top_p=None, top_k=None,
-                 greedy=None) -> GenerationOutput:
-        """Generate one completion per job.
+                 sampling: SamplingParams | None = None) -> GenerationOutput:
+        """Generate one completion per job (the backend contract of ``backend.py``).
 
-        ``members``, ``seeds`` and the per-job sampling overrides (``temperature`` ...) are scalars
-        or ``(J,)`` sequences; members default to -1 (the unperturbed model).
+        ``members`` and ``seeds`` are scalars or ``(J,)`` sequences; members default to -1 (the
+        unperturbed model), seeds to 0.
         """
         J = len(prompt_ids)
         if J == 0:
@@ -166,10 +165,10 @@ class PopulationEngine:
         jobs = {
             "member": _per_job(-1 if members is None else members, J, torch.long),
             "seed": _per_job(0 if seeds is None else seeds, J, torch.long),
-            "temperature": _per_job(sp.temperature if temperature is None else temperature, J, torch.float32),
-            "top_k": _per_job(sp.top_k if top_k is None else top_k, J, torch.long),
-            "top_p": _per_job(sp.top_p if top_p is None else top_p, J, torch.float32),
-            "greedy": _per_job(sp.greedy if greedy is None else greedy, J, torch.bool),
+            "temperature": _per_job(sp.temperature, J, torch.float32),
+            "top_k": _per_job(sp.top_k, J, torch.long),
+            "top_p": _per_job(sp.top_p, J, torch.float32),
+            "greedy": _per_job(sp.greedy, J, torch.bool),
         }
         for name, t in jobs.items():
             if t.numel() != J:
@@ -239,10 +238,8 @@ class PopulationEngine:
         n_live, next_job = 0, 0
         logits = None
         prefix_ids = self._shared_prefix(prompts, device)  # (1, Lp) or None
-        flags = {}  # sample_tokens' all_greedy / any_filter over the slots: they change on refills only
-
-        def set_flags():
-            flags.update(all_greedy=bool(slot["greedy"].all()), any_filter=sampling_filters(slot["top_k"], slot["top_p"]))
+        # sample_tokens' all_greedy / any_filter: one sampling setting per call, so decided once
+        flags = dict(all_greedy=bool(jobs["greedy"].all()), any_filter=sampling_filters(jobs["top_k"], jobs["top_p"]))
 
         def refill():
             nonlocal next_job, logits, n_live
@@ -280,7 +277,6 @@ class PopulationEngine:
             if logits is None:
                 logits = new.new_zeros(S, new.shape[-1])
             logits[rows] = new.to(logits.dtype)
-            set_flags()
 
         refill()
         end_codes = self._end_codes(logits.shape[-1], device)  # (V,)
@@ -323,7 +319,6 @@ class PopulationEngine:
                 hist, cols = hist[kept], torch.arange(len(kept))
                 slot_job = [slot_job[s] for s in kept]
                 free.clear()
-                set_flags()
         return GenerationOutput(out, reasons)
 
     MIN_SHARED_PREFIX = 4  # tokens; a shorter common prefix is not worth a second forward

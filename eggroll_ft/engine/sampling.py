@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..noise import _splitmix64, _srl
+from ..noise import splitmix64, srl
 
 
 @dataclass
@@ -36,10 +36,10 @@ class SamplingParams:
 def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Uniforms in (0, 1), shape ``(B, V)``, a pure function of (seed, position, token id)."""
     device = seeds.device
-    row = _splitmix64(_splitmix64(seeds.to(torch.int64)) ^ positions.to(device, torch.int64))  # (B,)
+    row = splitmix64(splitmix64(seeds.to(torch.int64)) ^ positions.to(device, torch.int64))  # (B,)
     tok = torch.arange(vocab_size, device=device, dtype=torch.int64)
-    h = _splitmix64(row[:, None] + tok[None, :] * 0x2545F4914F6CDD1D)
-    return (_srl(h, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    h = splitmix64(row[:, None] + tok[None, :] * 0x2545F4914F6CDD1D)
+    return (srl(h, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
 def sampling_filters(top_k: torch.Tensor, top_p: torch.Tensor) -> bool:
