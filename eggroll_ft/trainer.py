@@ -163,6 +163,8 @@ class EggrollTrainer(Trainer):
                                        stop_strings=args.stop_strings, compile_decode=args.compile_decode,
                                        memory_budget_bytes=int(args.generation_memory_gb * 2**30)
                                        if args.generation_memory_gb else None)
+        self.vllm_backend = self._make_vllm_backend(peft_config) if args.generation_backend == "vllm" else None
+        self._vllm_synced_step = 0  # global step whose weights vLLM holds (it starts from the model as it is now)
 
     # ---- data -------------------------------------------------------------------------------
     @staticmethod
@@ -305,13 +307,40 @@ class EggrollTrainer(Trainer):
         }
 
     def _generate(self, prompt_ids: list[list[int]], members: torch.Tensor, seeds: torch.Tensor):
-        """Completions for the jobs (engine by default; ``generation_backend='hf'`` uses ``generate``)."""
+        """Completions for the jobs (engine by default; ``generation_backend='hf'`` uses ``generate``,
+        ``'vllm'`` a vLLM engine)."""
         a = self.args
         sp = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, greedy=a.greedy)
         if a.generation_backend == "engine":
             return self.engine.generate(prompt_ids, members=members, seeds=seeds,
                                         max_new_tokens=a.max_completion_length, sampling=sp)
+        if a.generation_backend == "vllm":
+            return self._vllm_generate(prompt_ids, members, seeds, sp)
         return self._hf_generate(prompt_ids, members, sp)
+
+    def _make_vllm_backend(self, peft_config):
+        """``generation_backend='vllm'``: members as LoRA adapters of a vLLM engine (engine/vllm_backend.py)."""
+        if peft_config is not None:
+            raise ValueError("generation_backend='vllm' runs members as LoRA adapters of the base layers; with "
+                             "peft_config ES perturbs adapter matrices, which vLLM cannot: use generation_backend='engine'")
+        from .engine.vllm_backend import VLLMPopulationBackend
+
+        a = self.args
+        return VLLMPopulationBackend(
+            self.model, self.population, eos_token_ids=self.eos_token_ids, tokenizer=self.processing_class,
+            stop_strings=a.stop_strings, max_loras=a.vllm_max_loras, max_model_len=a.vllm_max_model_length,
+            gpu_memory_utilization=a.vllm_gpu_memory_utilization, tensor_parallel_size=a.vllm_tensor_parallel_size,
+            kv_cache_memory_bytes=int(a.generation_memory_gb * 2**30) if a.generation_memory_gb else None,
+            max_num_seqs=a.max_sequences_in_flight, seed=a.seed)
+
+    def _vllm_generate(self, prompt_ids, members, seeds, sp: SamplingParams):
+        """Push the weights when an update changed them since vLLM last got them (at the step's first
+        generation, so that optimizer steps taken after ``training_step`` count), then generate."""
+        if self._vllm_synced_step != self.state.global_step:
+            self.vllm_backend.sync()
+            self._vllm_synced_step = self.state.global_step
+        return self.vllm_backend.generate(prompt_ids, members=members, seeds=seeds,
+                                          max_new_tokens=self.args.max_completion_length, sampling=sp)
 
     @torch.no_grad()
     def _hf_generate(self, prompt_ids, members, sp: SamplingParams):
