@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 SHAPINGS = ("group_norm", "zscore", "centered_rank", "none")  # fitness shaping methods (shaping.py)
 SIGMA_SCHEDULES = ("constant", "exponential", "linear")
-GENERATION_BACKENDS = ("engine", "hf")
+GENERATION_BACKENDS = ("engine", "hf", "vllm")
+VLLM_MODES = ("colocate",)  # vLLM runs in the trainer's process (TRL's "server" mode is not supported)
 
 # GRPOConfig fields accepted for drop-in compatibility; ES has no use for them.
 GRPO_ONLY_FIELDS = {
@@ -43,6 +44,8 @@ GRPO_ONLY_FIELDS = {
     "mask_truncated_completions": False, "steps_per_generation": None, "generation_batch_size": None,
     "importance_sampling_level": "token", "disable_dropout": False, "top_entropy_quantile": 1.0,
     "use_liger_kernel": False,
+    # ES's update needs no memory beyond the weights, so vLLM stays awake between generations
+    "vllm_enable_sleep_mode": False,
 }
 
 
@@ -92,7 +95,15 @@ class EggrollConfig(TrainingArguments):
     chat_template_kwargs: dict | None = _help("Extra keyword arguments of apply_chat_template.", default=None)
     log_completions: bool = _help("Write a completions table (parquet in output_dir, wandb table) each logging step.", default=False)
     num_completions_to_print: int | None = _help("Completions printed per logging step when log_completions.", default=None)
-    use_vllm: bool = _help("Not supported: ES generates with its own population engine.", default=False)
+    use_vllm: bool = _help("TRL's switch: True selects generation_backend='vllm'.", default=False)
+    vllm_mode: str = _help(f"vLLM integration: one of {VLLM_MODES} (vLLM in the trainer's process).", default="colocate")
+    vllm_gpu_memory_utilization: float = _help("Share of GPU memory vLLM may use (on CPU, of RAM); generation_memory_gb, "
+                                               "when set, fixes vLLM's KV cache size instead.", default=0.3)
+    vllm_max_model_length: int | None = _help("vLLM's context window (prompt + completion tokens); default from the model "
+                                              "config.", default=None)
+    vllm_tensor_parallel_size: int = _help("GPUs vLLM shards the model over.", default=1)
+    vllm_max_loras: int | None = _help("Population members (LoRA adapters) vLLM runs in one batch; the others queue. "
+                                       "Default min(population_size, 64).", default=None)
     es_debug_checksum: bool = _help("Log a checksum of the perturbed weights each logging step (cross-rank check).", default=False)
     # ---- GRPO-only fields: accepted, unused ----------------------------------------------
     num_generations: int | None = _help("GRPO only (group size); ES uses population_size.", default=None)
@@ -109,6 +120,8 @@ class EggrollConfig(TrainingArguments):
     importance_sampling_level: str = _help("GRPO only; unused.", default="token")
     disable_dropout: bool = _help("GRPO only; ES always runs the model in eval mode.", default=False)
     top_entropy_quantile: float = _help("GRPO only; unused.", default=1.0)
+    vllm_enable_sleep_mode: bool = _help("GRPO only (offloads vLLM during the optimizer step); ES's update needs no "
+                                         "extra memory, so vLLM stays awake.", default=False)
     # ---- TrainingArguments defaults changed for ES ---------------------------------------
     learning_rate: float = _help("Step size of the ES update W += lr * g (see README for the paper mapping).", default=1e-6)
     optim: str = _help("Optimizer: 'sgd' (the paper's update, applied in place) or any TrainingArguments optim.", default="sgd")
@@ -164,7 +177,11 @@ class EggrollConfig(TrainingArguments):
         need(self.top_k >= 0, "top_k", "must be >= 0")
         need(self.learning_rate >= 0, "learning_rate", "must be >= 0")
         need(self.reward_weights is None or all(math.isfinite(w) for w in self.reward_weights), "reward_weights", "must be finite numbers")
-        need(not self.use_vllm, "use_vllm", "is not supported: EggrollTrainer generates with its population engine")
+        need(not (self.use_vllm and self.generation_backend == "hf"), "use_vllm",
+             "conflicts with generation_backend='hf' (use_vllm=True selects generation_backend='vllm')")
+        if self.use_vllm:
+            self.generation_backend = "vllm"
+        self._validate_vllm(need)
         need(self.stop_strings is None or all(isinstance(s, str) and s for s in self.stop_strings), "stop_strings", "must be non-empty strings")
         if self.gradient_accumulation_steps != 1:
             warnings.warn(f"gradient_accumulation_steps={self.gradient_accumulation_steps} has no meaning for ES "
@@ -182,6 +199,18 @@ class EggrollConfig(TrainingArguments):
                              "machine without a GPU accelerate launch needs use_cpu=True (--use_cpu true); on GPUs use "
                              "--multi_gpu with one process per GPU")
         warn_if_cpu_multiprocess_ignored()
+
+    def _validate_vllm(self, need):
+        need(self.vllm_mode in VLLM_MODES, "vllm_mode", f"must be one of {VLLM_MODES}: the population's adapters and weight "
+             "updates go to a vLLM engine in the trainer's process")
+        need(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "must lie in (0, 1]")
+        need(self.vllm_max_model_length is None or self.vllm_max_model_length >= 1, "vllm_max_model_length", "must be >= 1")
+        need(isinstance(self.vllm_tensor_parallel_size, int) and self.vllm_tensor_parallel_size >= 1,
+             "vllm_tensor_parallel_size", "must be an int >= 1")
+        need(self.vllm_max_loras is None or self.vllm_max_loras >= 1, "vllm_max_loras", "must be >= 1")
+        if self.generation_backend == "vllm":
+            need(not self.full_rank, "full_rank", "cannot run with generation_backend='vllm' (members are low-rank "
+                 "LoRA adapters)")
 
     def sigma_at(self, step: int) -> float:
         """Sigma of ES step ``step`` under the configured schedule."""

@@ -165,11 +165,25 @@ class EggrollTrainer(Trainer):
         self.eos_token_ids = eos
         self.sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                        greedy=args.greedy)
-        self.generation_backend = self._make_generation_backend(model)
+        self.generation_backend = self._make_generation_backend(model, peft_config)
+        self._backend_weights_step = 0  # vLLM: the global step whose weights it holds (the model as it is now)
 
-    def _make_generation_backend(self, model):
+    def _make_generation_backend(self, model, peft_config=None):
         """The backend named by ``args.generation_backend`` (contract: ``engine/backend.py``)."""
         a, tok = self.args, self.processing_class
+        if a.generation_backend == "vllm":  # members as LoRA adapters of a vLLM engine (engine/vllm_backend.py)
+            if peft_config is not None:
+                raise ValueError("generation_backend='vllm' runs members as LoRA adapters of the base layers; with "
+                                 "peft_config ES perturbs adapter matrices, which vLLM cannot: use "
+                                 "generation_backend='engine'")
+            from .engine.vllm_backend import VLLMPopulationBackend
+
+            return VLLMPopulationBackend(
+                model, self.population, eos_token_ids=self.eos_token_ids, tokenizer=tok, stop_strings=a.stop_strings,
+                max_loras=a.vllm_max_loras, max_model_len=a.vllm_max_model_length,
+                gpu_memory_utilization=a.vllm_gpu_memory_utilization, tensor_parallel_size=a.vllm_tensor_parallel_size,
+                kv_cache_memory_bytes=int(a.generation_memory_gb * 2**30) if a.generation_memory_gb else None,
+                max_num_seqs=a.max_sequences_in_flight, seed=a.seed)
         if a.generation_backend == "hf":
             return HFGenerateBackend(model, self.population, tok, self.eos_token_ids,
                                      max_batch_size=a.max_sequences_in_flight, stop_strings=a.stop_strings)
@@ -331,7 +345,13 @@ class EggrollTrainer(Trainer):
     def _generate(self, prompt_ids: list[list[int]], members: torch.Tensor, seeds: torch.Tensor,
                   sampling: SamplingParams | None = None):
         """Completions of one chunk of jobs from ``generation_backend`` (``sampling``: the training
-        sampling by default); returns a ``GenerationOutput``."""
+        sampling by default); returns a ``GenerationOutput``.
+
+        A backend with its own copy of the weights (vLLM) gets them pushed at the first generation
+        after an update changed them, so optimizer steps taken after ``training_step`` count too."""
+        if hasattr(self.generation_backend, "sync") and self._backend_weights_step != self.state.global_step:
+            self.generation_backend.sync()
+            self._backend_weights_step = self.state.global_step
         return self.generation_backend.generate(prompt_ids, members, seeds, self.args.max_completion_length,
                                                 sampling or self.sampling)
 

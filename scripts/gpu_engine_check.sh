@@ -11,10 +11,20 @@
 #      eager and population / plain, graphs recorded and skipped, compiled-vs-eager agreement.
 # Time limits: 200 s (eager), 200 s (tests), and what is left of 570 s for the captured part (its two
 # compilations are the least predictable), so the whole script ends inside one 600 s device call.
+#   4. bench_vllm.txt, a second device call (PARTS=vllm, limit T_VLLM=540 s): generation_backend='vllm'
+#      (scripts/bench_vllm.py) on the same model, bf16: vLLM population / vLLM plain, vLLM population /
+#      engine population, per-step adapter writing and weight push. It needs vLLM importable by
+#      $VLLM_PYTHON (default python) on the GPU machine, which reaches no package index: a CUDA vLLM
+#      wheel and its dependencies are far over the device tool's 64 MiB carry, so unless the machine
+#      comes with vLLM the part writes "skipped: ..." and exits 0.
 #
 #   bash scripts/gpu_engine_check.sh                                  # on the GPU machine
+#   PARTS=vllm bash scripts/gpu_engine_check.sh                       # the vLLM part, in its own call
 #   DEVICE=cpu DTYPE=float32 SIZE="--hidden 64 --layers 2 --intermediate 128 --heads 4 --kv-heads 2 --vocab 512" \
 #     POP=16 NEW=8 bash scripts/gpu_engine_check.sh                  # dry run of the same script on CPU
+#   DEVICE=cpu DTYPE=float32 SIZE="--hidden 128 --layers 1 --intermediate 256 --heads 4 --kv-heads 2 --vocab 512" \
+#     POP=8 NEW=4 PARTS=vllm VLLM_PYTHON=~/.cache/eggroll_ft/venv-vllm/bin/python VLLM_KV_GB=0.25 \
+#     bash scripts/gpu_engine_check.sh                                # dry run of the vLLM part (head size >= 32)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -22,7 +32,9 @@ OUT_DIR="${OUT:-gpu_check}"
 mkdir -p "$OUT_DIR"
 DEVICE="${DEVICE:-cuda}" DTYPE="${DTYPE:-bfloat16}" POP="${POP:-1024}" NEW="${NEW:-128}"
 SIZE="${SIZE:---hidden 896 --layers 24 --intermediate 4864 --heads 14 --kv-heads 2 --vocab 151936}"
-T_TOTAL="${T_TOTAL:-570}" T_EAGER="${T_EAGER:-200}" T_TESTS="${T_TESTS:-200}"
+T_TOTAL="${T_TOTAL:-570}" T_EAGER="${T_EAGER:-200}" T_TESTS="${T_TESTS:-200}" T_VLLM="${T_VLLM:-540}"
+PARTS="${PARTS:-eager tests compiled}" VLLM_PYTHON="${VLLM_PYTHON:-python}" VLLM_KV_GB="${VLLM_KV_GB:-8}"
+has() { [[ " $PARTS " == *" $1 "* ]]; }
 
 part() {  # part NAME SECONDS COMMAND...: run with a time limit, output to $OUT_DIR/NAME.txt
   local name=$1 limit=$2 t0=$SECONDS
@@ -36,7 +48,16 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, output to $OUT_
   [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total --format=csv || true; } 2>&1 | tee "$OUT_DIR/env.txt"
 # shellcheck disable=SC2086
 BENCH=(python scripts/bench_engine.py --device "$DEVICE" --dtype "$DTYPE" $SIZE --population "$POP" --new-tokens "$NEW" --reps 3)
-part bench_eager "$T_EAGER" "${BENCH[@]}" --naive-members 4 --naive-reps 1
-EGGROLL_TEST_DEVICE="$DEVICE" part tests_cuda "$T_TESTS" python -m pytest -q -p no:cacheprovider tests/test_engine.py -rs
+has eager && part bench_eager "$T_EAGER" "${BENCH[@]}" --naive-members 4 --naive-reps 1
+has tests && EGGROLL_TEST_DEVICE="$DEVICE" part tests_cuda "$T_TESTS" python -m pytest -q -p no:cacheprovider tests/test_engine.py -rs
 left=$((T_TOTAL - SECONDS)); [ "$left" -lt 60 ] && left=60
-part bench_compiled "${T_COMPILED:-$left}" "${BENCH[@]}" --compile --naive-members 0 --skip-hf --skip-memory
+has compiled && part bench_compiled "${T_COMPILED:-$left}" "${BENCH[@]}" --compile --naive-members 0 --skip-hf --skip-memory
+if has vllm; then
+  if "$VLLM_PYTHON" -c "import vllm" >/dev/null 2>&1; then
+    # shellcheck disable=SC2086
+    part bench_vllm "$T_VLLM" "$VLLM_PYTHON" scripts/bench_vllm.py --model "" --device "$DEVICE" --dtype "$DTYPE" $SIZE \
+      --population "$POP" --new-tokens "$NEW" --max-loras "$(( POP < 256 ? POP : 256 ))" --kv-cache-gb "$VLLM_KV_GB" --reps 3
+  else
+    echo "== bench_vllm: skipped: vllm is not importable by $VLLM_PYTHON (see the header of this script)" | tee "$OUT_DIR/bench_vllm.txt"
+  fi
+fi

@@ -1,4 +1,5 @@
 import asyncio
+import importlib.util
 import os
 import subprocess
 import sys
@@ -81,7 +82,12 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(tmp_path):
     (dict(noise_reuse=0), "noise_reuse=0"), (dict(fitness_shaping="softmax"), "fitness_shaping='softmax'"),
     (dict(prompts_per_step=0), "prompts_per_step=0"), (dict(temperature=0.0), "temperature=0.0"),
     (dict(top_p=1.5), "top_p=1.5"), (dict(sigma_schedule="cosine"), "sigma_schedule='cosine'"),
-    (dict(generation_backend="vllm"), "generation_backend='vllm'"), (dict(use_vllm=True), "use_vllm=True"),
+    (dict(generation_backend="sglang"), "generation_backend='sglang'"),
+    (dict(use_vllm=True, generation_backend="hf"), "use_vllm=True conflicts with generation_backend='hf'"),
+    (dict(generation_backend="vllm", full_rank=True), "full_rank=True cannot run with generation_backend='vllm'"),
+    (dict(vllm_mode="server"), "vllm_mode='server'"), (dict(vllm_gpu_memory_utilization=0.0), "vllm_gpu_memory_utilization=0.0"),
+    (dict(vllm_max_model_length=0), "vllm_max_model_length=0"), (dict(vllm_tensor_parallel_size=0), "vllm_tensor_parallel_size=0"),
+    (dict(vllm_max_loras=0), "vllm_max_loras=0"),
     (dict(sigma="abc"), "sigma='abc' must be a number"),
 ])
 def test_invalid_config_names_field_and_value(tmp_path, kw, msg):
@@ -94,6 +100,30 @@ def test_numbers_written_as_yaml_strings_are_read(tmp_path):
     """YAML 1.1 reads `1e-5` (no dot) as a string; such numbers are accepted, anything else is named."""
     args = _args(tmp_path, sigma="1e-3", learning_rate="3e-6")
     assert args.sigma == 1e-3 and args.learning_rate == 3e-6
+
+
+def test_use_vllm_selects_the_vllm_backend(tmp_path):
+    """TRL's ``use_vllm=True`` means generation_backend='vllm'; the vLLM knobs keep TRL's names."""
+    args = _args(tmp_path, use_vllm=True, vllm_gpu_memory_utilization=0.5, vllm_max_model_length=128)
+    assert args.generation_backend == "vllm" and args.vllm_max_model_length == 128
+    with pytest.warns(UserWarning, match="vllm_enable_sleep_mode"):
+        _args(tmp_path, vllm_enable_sleep_mode=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_vllm_backend_without_vllm_says_how_to_install(tmp_path):
+    with pytest.raises(ImportError, match=r"generation_backend='vllm' needs vLLM.*scripts/setup_vllm_env.sh"):
+        _trainer(tmp_path, generation_backend="vllm")
+
+
+def test_vllm_backend_rejects_peft(tmp_path):
+    from peft import LoraConfig
+
+    tok = char_tokenizer(ALPHABET)
+    with pytest.raises(ValueError, match="with peft_config ES perturbs adapter matrices, which vLLM cannot"):
+        EggrollTrainer(tiny_llama(len(tok)), char_fraction_reward(), args=_args(tmp_path, generation_backend="vllm"),
+                       train_dataset=_data(), processing_class=tok,
+                       peft_config=LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
 
 
 def test_reward_errors_name_the_function(tmp_path):
