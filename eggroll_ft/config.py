@@ -84,6 +84,8 @@ class EggrollConfig(TrainingArguments):
     log_completions: bool = _help("Write a completions table (parquet in output_dir, wandb table) each logging step.", default=False)
     num_completions_to_print: int | None = _help("Completions printed per logging step when log_completions.", default=None)
     use_vllm: bool = _help("Not supported: ES generates with its own population engine.", default=False)
+    es_replay_log: bool = _help("Append each step's sigma, learning rate and fitness to output_dir/es_replay.jsonl, from "
+                                "which eggroll_ft.replay rebuilds any step over the base model (docs/replay.md).", default=True)
     es_debug_checksum: bool = _help("Log a checksum of the perturbed weights each logging step (cross-rank check).", default=False)
     # ---- GRPO-only fields: accepted, unused ----------------------------------------------
     num_generations: int | None = _help("GRPO only (group size); ES uses population_size.", default=None)

@@ -12,8 +12,9 @@ LAYERS = {
     "models": 3,
     "engine": 4, "es_update": 4, "distributed": 4, "reward_funcs": 4, "bytes_data": 4,
     "integer_es": 4, "recipe_utils": 4,
-    "trainer": 5, "rl": 5,
-    "__init__": 6,
+    "replay": 5,
+    "trainer": 6, "rl": 6,
+    "__init__": 7,
 }
 
 
