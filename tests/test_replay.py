@@ -85,28 +85,20 @@ def test_replay_of_a_peft_run_rebuilds_the_adapter(tmp_path):
     from peft import LoraConfig
 
     lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
-    tr = _train(tmp_path / "run", peft_config=lora, save_strategy="steps", save_steps=2)
+    tr = _train(tmp_path / "run", peft_config=lora, save_strategy="steps", save_steps=1)
     log = tmp_path / "run" / LOG_NAME
     assert read_log(log).header["peft_config"]["r"] == 2
-    final = _state(tr.model)
-    _assert_equal(_state(replay(_base(), log).model), final)
-    adapter = load_file(tmp_path / "run" / "checkpoint-2" / "adapter_model.safetensors")
-    mid = replay(_base(), log, until_step=2).model.state_dict()
-    assert adapter and all(torch.equal(v, mid[k.replace(".weight", ".default.weight")]) for k, v in adapter.items())
-    # the command line writes the adapter as PEFT saves it
+    for k in range(1, 5):
+        adapter = load_file(tmp_path / "run" / f"checkpoint-{k}" / "adapter_model.safetensors")
+        ours = replay(_base(), log, until_step=k).model.state_dict()
+        assert adapter and all(torch.equal(v, ours[n.replace(".weight", ".default.weight")]) for n, v in adapter.items())
+    _assert_equal(_state(replay(_base(), log).model), _state(tr.model))
+    # the command line, from a base saved on disk, writes the adapter as PEFT saves it
     base_dir = tmp_path / "base"
     _base().save_pretrained(base_dir)
     replay_main([str(base_dir), str(log), "--step", "2", "--output_dir", str(tmp_path / "replayed")])
-    _assert_equal(load_file(tmp_path / "replayed" / "adapter_model.safetensors"), adapter)
-
-
-def test_resume_from_log_equals_uninterrupted_and_keeps_one_log(tmp_path):
-    full = _train(tmp_path / "full", **OPTIMS["adamw"])
-    _train(tmp_path / "cut", max_steps=2, **OPTIMS["adamw"])  # stopped after 2 steps, no checkpoint
-    resumed = _train(tmp_path / "resumed", resume=str(tmp_path / "cut" / LOG_NAME), **OPTIMS["adamw"])
-    _assert_equal(_state(resumed.model), _state(full.model))
-    a, b = read_log(tmp_path / "full" / LOG_NAME), read_log(tmp_path / "resumed" / LOG_NAME)
-    assert a.header == b.header and a.steps == b.steps
+    _assert_equal(load_file(tmp_path / "replayed" / "adapter_model.safetensors"),
+                  load_file(tmp_path / "run" / "checkpoint-2" / "adapter_model.safetensors"))
 
 
 def test_resume_from_a_checkpoint_cuts_the_log_at_the_checkpoint(tmp_path):
@@ -171,7 +163,7 @@ KILLED_RUN = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("optim", sorted(OPTIMS))
+@pytest.mark.parametrize("optim", ["adamw", pytest.param("sgd", marks=pytest.mark.slow)])  # ~10-40 s each
 def test_run_killed_mid_step_resumes_from_its_log_to_the_uninterrupted_weights(tmp_path, optim):
     out = tmp_path / "killed"
     script = KILLED_RUN.format(tests=str(ROOT / "tests"), out=str(out), optim=optim)
