@@ -1,6 +1,7 @@
 """Benchmark: a seed-replay log against a full checkpoint, on SmolLM2-135M-Instruct.
 
     taskset -c 0 python scripts/bench_replay.py --steps 4
+    taskset -c 0 python scripts/bench_replay.py --hashes    # the digest: xxh3-128 against blake2b, sha256
 
 Trains ``--steps`` ES steps twice, with plain SGD and with AdamW (population ``--population``, one
 arithmetic prompt per step, ``--tokens`` new tokens), each writing ``es_replay.jsonl`` and saving
@@ -124,15 +125,42 @@ def run(base: str, optim: str, a, out: str) -> dict:
     }
 
 
+def compare_hashes(base: str) -> None:
+    """CPU seconds to digest the perturbed weights with xxh3-128 (what the log uses) and with the
+    standard library's blake2b and sha256 (the baselines), best of 3."""
+    import hashlib
+
+    import xxhash
+
+    from eggroll_ft.noise import NoiseConfig
+    from eggroll_ft.population import Population
+
+    pop = Population(load_causal_lm(base), NoiseConfig(), 2, 1e-3)
+    arrays = [p.weight.detach().contiguous().view(torch.uint8).numpy() for _, p in sorted(pop.params.items())]
+
+    def digest(make):
+        h = make()
+        for a in arrays:
+            h.update(a)
+        return h.hexdigest()
+
+    print(f"{sum(a.nbytes for a in arrays):,} bytes of perturbed weights")
+    for name, make in [("xxh3_128", xxhash.xxh3_128), ("blake2b", hashlib.blake2b), ("sha256", hashlib.sha256)]:
+        print(f"{name}: {min(timed(lambda: digest(make))[0] for _ in range(3)):.3f} s")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--population", type=int, default=8)
     p.add_argument("--tokens", type=int, default=4)
     p.add_argument("--optims", default="sgd,adamw_torch")
+    p.add_argument("--hashes", action="store_true", help="only compare digest functions over the weights")
     a = p.parse_args()
     torch.set_num_threads(1)
     base = resolve_model_name("smollm2-135m-instruct")
+    if a.hashes:
+        return compare_hashes(base)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for optim in a.optims.split(","):
