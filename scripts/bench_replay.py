@@ -4,8 +4,10 @@
     taskset -c 0 python scripts/bench_replay.py --hashes    # the digest: xxh3-128 against blake2b, sha256
 
 Trains ``--steps`` ES steps twice, with plain SGD and with AdamW (population ``--population``, one
-arithmetic prompt per step, ``--tokens`` new tokens), each writing ``es_replay.jsonl`` and saving
-the final checkpoint as ``transformers.Trainer`` does. For each run it prints:
+prompt per step of the arithmetic task (``rewards/arithmetic.py``, 2-digit additions,
+``arithmetic_reward`` plus 0.1 ``arithmetic_format_reward``, the plain template, as
+``recipes/configs/arithmetic/tiny_cpu.yaml``), ``--tokens`` new tokens), each writing ``es_replay.jsonl`` and saving the
+final checkpoint as ``transformers.Trainer`` does. For each run it prints:
 
 - the log's bytes per step (and its header) against the full checkpoint's (``model.safetensors``,
   plus ``optimizer.pt`` for AdamW);
@@ -16,17 +18,11 @@ the final checkpoint as ``transformers.Trainer`` does. For each run it prints:
   replayed weights equal the checkpoint's bit for bit.
 
 Times are CPU seconds of the process (one thread), except the fsync's wall time.
-
-The prompts ask for the sum of two numbers; the reward is ``1 / (1 + |answer - sum|)`` of the first
-number in the completion (0 without one), so that 2-4 tokens already give members different
-rewards.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import random
-import re
 import statistics
 import sys
 import tempfile
@@ -37,7 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
@@ -45,22 +40,7 @@ from eggroll_ft import EggrollConfig, EggrollTrainer  # noqa: E402
 from eggroll_ft.models.loading import load_causal_lm  # noqa: E402
 from eggroll_ft.models.named import resolve_model_name  # noqa: E402
 from eggroll_ft.replay import LOG_NAME, perturbed_digest, read_log, replay  # noqa: E402
-
-
-def sum_dataset(n: int, seed: int = 0) -> Dataset:
-    rng = random.Random(seed)
-    pairs = [(rng.randint(10, 99), rng.randint(10, 99)) for _ in range(n)]
-    return Dataset.from_dict({
-        "prompt": [[{"role": "user", "content": f"What is {a} + {b}? Reply with the number only."}] for a, b in pairs],
-        "answer": [a + b for a, b in pairs]})
-
-
-def sum_reward(completions, answer, **kwargs) -> list[float]:
-    out = []
-    for c, want in zip(completions, answer):
-        m = re.search(r"-?\d+", c[-1]["content"])
-        out.append(0.0 if m is None else 1.0 / (1.0 + abs(int(m.group()) - want)))
-    return out
+from rewards.arithmetic import arithmetic_format_reward, arithmetic_reward, make_arithmetic_splits  # noqa: E402
 
 
 def timed(fn, repeats: int = 1, clock=time.process_time) -> tuple[float, object]:
@@ -90,11 +70,12 @@ class StepCPUTime(TrainerCallback):
 def run(base: str, optim: str, a, out: str) -> dict:
     lr = {"sgd": 1e-4, "adamw_torch": 1e-5}[optim]
     args = EggrollConfig(output_dir=out, max_steps=a.steps, population_size=a.population, prompts_per_step=1,
-                         max_completion_length=a.tokens, sigma=1e-3, learning_rate=lr, optim=optim, seed=0,
+                         max_completion_length=a.tokens, sigma=0.01, reward_weights=[1.0, 0.1], learning_rate=lr, optim=optim, seed=0,
                          save_strategy="steps", save_steps=a.steps, report_to="none", use_cpu=True, logging_steps=1,
                          disable_tqdm=True)
     clock = StepCPUTime()
-    trainer = EggrollTrainer(base, sum_reward, args=args, train_dataset=sum_dataset(64), callbacks=[clock])
+    train = make_arithmetic_splits("add2", num_train=64, num_validation=4, num_test=4, template=a.template)["train"]
+    trainer = EggrollTrainer(base, [arithmetic_reward, arithmetic_format_reward], args=args, train_dataset=train, callbacks=[clock])
     trainer.train()
     step_time = statistics.mean(clock.seconds)  # the log's digest (a callback after this one's) not included
     digest_s, _ = timed(lambda: perturbed_digest(trainer.population), repeats=3)
@@ -104,7 +85,8 @@ def run(base: str, optim: str, a, out: str) -> dict:
     checkpoint = os.path.join(out, f"checkpoint-{a.steps}")
     files = {name: os.path.getsize(os.path.join(checkpoint, name)) for name in os.listdir(checkpoint)}
     with tempfile.NamedTemporaryFile("w", dir=out) as f:  # one fsynced line, as ReplayLog writes them
-        line = open(log).read().splitlines()[1]
+        with open(log) as g:
+            line = g.read().splitlines()[1]
         fsync_s, _ = timed(lambda: (f.write(line + "\n"), f.flush(), os.fsync(f.fileno())), repeats=20,
                            clock=time.perf_counter)  # wall: the disk's time, not this process's
     load_s, _ = timed(lambda: replay(base, log, until_step=0))
@@ -146,7 +128,7 @@ def compare_hashes(base: str) -> None:
 
     print(f"{sum(a.nbytes for a in arrays):,} bytes of perturbed weights")
     for name, make in [("xxh3_128", xxhash.xxh3_128), ("blake2b", hashlib.blake2b), ("sha256", hashlib.sha256)]:
-        print(f"{name}: {min(timed(lambda: digest(make))[0] for _ in range(3)):.3f} s")
+        print(f"{name}: {min(timed(lambda make=make: digest(make))[0] for _ in range(3)):.3f} s")
 
 
 def main():
@@ -155,6 +137,8 @@ def main():
     p.add_argument("--population", type=int, default=8)
     p.add_argument("--tokens", type=int, default=4)
     p.add_argument("--optims", default="sgd,adamw_torch")
+    p.add_argument("--template", default="plain", help="'plain' (Question: ... Answer:) answers in a few tokens; "
+                   "under 'chat' the model writes a sentence first, so 4 tokens give every member reward 0")
     p.add_argument("--hashes", action="store_true", help="only compare digest functions over the weights")
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -166,7 +150,8 @@ def main():
         for optim in a.optims.split(","):
             rows.append(run(base, optim, a, os.path.join(tmp, optim)))
             print(rows[-1], flush=True)
-    print(f"\nSmolLM2-135M-Instruct, {a.steps} steps, population {a.population}, 1 prompt, {a.tokens} new tokens\n")
+    print(f"\nSmolLM2-135M-Instruct, {a.steps} steps, population {a.population}, 1 prompt, {a.tokens} new tokens, "
+          f"template {a.template}\n")
     print("| optim | log bytes/step (header) | checkpoint bytes (model + optimizer) | checkpoint / log-step "
           "| digest s/step | fsync s/line | train s/step | logging / train step | replay s/step "
           "| replay load+checks s | checkpoint load s | replay / train step | bit-identical |")
