@@ -104,6 +104,8 @@ class EggrollConfig(TrainingArguments):
     vllm_tensor_parallel_size: int = _help("GPUs vLLM shards the model over.", default=1)
     vllm_max_loras: int | None = _help("Population members (LoRA adapters) vLLM runs in one batch; the others queue. "
                                        "Default min(population_size, 64).", default=None)
+    es_replay_log: bool = _help("Append each step's sigma, learning rate and fitness to output_dir/es_replay.jsonl, from "
+                                "which eggroll_ft.replay rebuilds any step over the base model (docs/replay.md).", default=True)
     es_debug_checksum: bool = _help("Log a checksum of the perturbed weights each logging step (cross-rank check).", default=False)
     # ---- GRPO-only fields: accepted, unused ----------------------------------------------
     num_generations: int | None = _help("GRPO only (group size); ES uses population_size.", default=None)

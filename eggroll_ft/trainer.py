@@ -33,7 +33,7 @@ import warnings
 from collections import defaultdict
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Sampler
 from transformers import Trainer
 from transformers.trainer_utils import set_seed
 
@@ -44,6 +44,7 @@ from .es_update import apply_es_update
 from .models.loading import load_causal_lm, load_tokenizer
 from .noise import NoiseConfig, job_seed, stream_key
 from .population import UNPERTURBED, Population
+from .replay import LOG_NAME, ReplayLog, ReplayResume, is_replay_log
 from .reward_funcs import RewardLog, call_reward_funcs, combine_rewards, resolve_reward_func, reward_func_name
 from .shaping import shape_fitness
 
@@ -68,9 +69,18 @@ class _EpochShuffleSampler(Sampler):
         return self.n
 
 
-class _PromptLoader(DataLoader):
+class _EpochBatchSampler(BatchSampler):
+    """Batches of the epoch's permutation. Its ``set_epoch`` is how a resumed run reaches the
+    sampler: ``transformers.Trainer`` resumes mid-epoch through accelerate's ``skip_first_batches``,
+    a new loader that wraps this batch sampler, and calls ``set_epoch`` on the wrapped one."""
+
     def set_epoch(self, epoch: int):
         self.sampler.set_epoch(epoch)
+
+
+class _PromptLoader(DataLoader):
+    def set_epoch(self, epoch: int):
+        self.batch_sampler.set_epoch(epoch)
 
 
 def _identity(batch):
@@ -110,6 +120,7 @@ class EggrollTrainer(Trainer):
         if peft_config is not None:
             from peft import get_peft_model
 
+            set_seed(args.seed)  # the adapter's initial values depend on the seed alone: replay.load_base rebuilds them
             model = get_peft_model(model, peft_config)
         if processing_class is None:
             processing_class = load_tokenizer(model, model_id)
@@ -147,6 +158,10 @@ class EggrollTrainer(Trainer):
                          optimizers=optimizers)
         self._metrics = defaultdict(list)  # per-step training metrics, averaged at each log
         self._reward_log = RewardLog()  # what reward functions pass to log_extra / log_metric
+        self._replay_log = ReplayLog(self.population, os.path.join(args.output_dir, LOG_NAME)) if args.es_replay_log else None
+        if self._replay_log is not None:
+            self.add_callback(self._replay_log)
+        self._replay_resume = None  # a ReplayResume while train() resumes from a replay log
         self._last_table = None
         self.last_eval_rewards: torch.Tensor | None = None  # (num_problems, num_reward_funcs) of the last evaluate()
         self._warned_no_signal = False
@@ -216,8 +231,9 @@ class EggrollTrainer(Trainer):
     def get_train_dataloader(self):
         """``prompts_per_step`` prompts per step, identical on every process."""
         ds = self.train_dataset
-        return _PromptLoader(ds, batch_size=self.args.prompts_per_step, collate_fn=_identity,
-                             sampler=_EpochShuffleSampler(len(ds), self.args.seed), drop_last=False)
+        batches = _EpochBatchSampler(_EpochShuffleSampler(len(ds), self.args.seed), self.args.prompts_per_step,
+                                     drop_last=False)
+        return _PromptLoader(ds, batch_sampler=batches, collate_fn=_identity)
 
     def create_optimizer(self, model=None):
         """The optimizer over the perturbed weights only (the paper's default: plain SGD)."""
@@ -226,6 +242,35 @@ class EggrollTrainer(Trainer):
             params = [p.weight for p in self.population.params.values()]
             self.optimizer = cls([{"params": params, "weight_decay": self.args.weight_decay}], **kwargs)
         return self.optimizer
+
+    # ---- resuming from a replay log (replay.py) ------------------------------------------------
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
+        """``transformers.Trainer.train``; ``resume_from_checkpoint`` may also be a replay log
+        (``es_replay.jsonl``) of a run that started from this trainer's model."""
+        if not is_replay_log(resume_from_checkpoint):
+            return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+        self._replay_resume = ReplayResume(resume_from_checkpoint, self.args)
+        if self._replay_log is not None:
+            self._replay_log.resume_history = self._replay_resume.history
+        try:
+            return super().train(self._replay_resume.checkpoint_dir, trial, ignore_keys_for_eval)
+        finally:
+            self._replay_resume.close()
+            self._replay_resume = None
+            if self._replay_log is not None:
+                self._replay_log.resume_history = None
+
+    def _resuming_from_log(self, checkpoint) -> bool:
+        return self._replay_resume is not None and checkpoint == self._replay_resume.checkpoint_dir
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not self._resuming_from_log(resume_from_checkpoint):  # else replayed with the optimizer, below
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if not self._resuming_from_log(checkpoint):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        self._replay_resume.replay(self.population, self.model, self.optimizer, self.lr_scheduler, self.args)
 
     # ---- one ES step --------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -369,6 +414,8 @@ class EggrollTrainer(Trainer):
     def _es_update(self, fitness: torch.Tensor) -> float:
         """Apply ``lr * g``: in place for plain SGD, else ``W.grad = -g`` for the Trainer's ``optimizer.step()``."""
         lr = self.optimizer.param_groups[0]["lr"]
+        if self._replay_log is not None:  # durable before the update lands
+            self._replay_log.write_step(self.state.global_step, self.population.sigma, lr, fitness)
         return apply_es_update(self.population, fitness, self.optimizer, lr=lr)
 
     # ---- metrics and logging ------------------------------------------------------------------

@@ -18,9 +18,10 @@ LAYERS = {
     "models": 3,
     "engine": 4, "es_update": 4, "distributed": 4, "reward_funcs": 4, "bytes_data": 4,
     "integer_es": 4, "tiny_base": 4,
-    "trainer": 5, "rl": 5, "mingru_recipe": 5,
-    "recipe_utils": 6,
-    "__init__": 6,
+    "replay": 5, "rl": 5, "mingru_recipe": 5,
+    "trainer": 6,
+    "recipe_utils": 7,
+    "__init__": 8,
 }
 
 # top-level folder -> the folders its modules may import ("tests" may import anything)

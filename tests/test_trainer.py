@@ -76,6 +76,24 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(tmp_path):
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
+def test_resume_mid_epoch_sees_the_prompts_of_the_uninterrupted_run(tmp_path):
+    """Three steps per epoch, resumed after four: the resumed step must draw from the second epoch's
+    order (accelerate's skip_first_batches wraps the loader; the epoch reaches the sampler anyway)."""
+    seen = {}
+
+    def reward(completions, prompts, trainer_state, **kwargs):
+        seen.setdefault(trainer_state.global_step, []).append(sorted(set(prompts)))
+        return [0.0] * len(completions)
+
+    tok = char_tokenizer(ALPHABET)
+    for resume in (None, str(tmp_path / "out" / "checkpoint-4")):
+        tr = EggrollTrainer(tiny_llama(len(tok)), reward, processing_class=tok, train_dataset=_data(6),
+                            args=_args(tmp_path, max_steps=5, save_strategy="steps", save_steps=4))
+        tr.train(resume_from_checkpoint=resume)
+    assert len(seen[4]) == 2 and seen[4][0] == seen[4][1], seen
+    assert seen[4][0] != seen[1][0]  # epoch 0's second batch, which a sampler left at epoch 0 would give
+
+
 @pytest.mark.parametrize("kw, msg", [
     (dict(population_size=7), "population_size=7 must be even when antithetic=True"),
     (dict(sigma=0.0), "sigma=0.0"), (dict(sigma=-1.0), "sigma=-1.0"), (dict(rank=0), "rank=0"),
