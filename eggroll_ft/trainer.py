@@ -40,7 +40,7 @@ from transformers.trainer_utils import set_seed
 from .config import EggrollConfig
 from .distributed import check_replicas_equal, default_chunk_size, destroy_process_group_at_exit, run_sharded
 from .engine import HFGenerateBackend, PopulationEngine, SamplingParams
-from .es_update import apply_es_update
+from .es_update import apply_es_update, is_plain_sgd
 from .models.loading import load_causal_lm, load_tokenizer
 from .noise import NoiseConfig, job_seed, stream_key
 from .population import UNPERTURBED, Population
@@ -423,7 +423,13 @@ class EggrollTrainer(Trainer):
         """One training step's metrics (GRPO's names, plus ``es/`` and ``fitness/``)."""
         m = _reward_metrics(batch, self.reward_func_names)
         per_member = torch.nanmean(batch["rewards"], dim=0)  # raw fitness, before shaping
-        m.update({"step_time": seconds, "es/sigma": self.population.sigma, "es/update_norm": update_norm,
+        sigma = self.population.sigma
+        if is_plain_sgd(self.optimizer):
+            # the step's RMS per perturbed weight in units of sigma (lr ||g|| / (sqrt(P) sigma)): how
+            # far one update moves the weights compared with the members' own perturbations
+            lr = self.optimizer.param_groups[0]["lr"]
+            m["es/step_over_sigma"] = lr * update_norm / (math.sqrt(self.population.num_perturbed_parameters()) * sigma)
+        m.update({"step_time": seconds, "es/sigma": sigma, "es/update_norm": update_norm,
                   "fitness/raw_mean": float(torch.nanmean(per_member)),
                   "fitness/raw_max": float(per_member.nan_to_num(-math.inf).max()),
                   "fitness/raw_min": float(per_member.nan_to_num(math.inf).min()),

@@ -56,6 +56,17 @@ def test_learning_improves_reward_and_only_perturbed_weights_change(tmp_path):
         assert changed == (k in perturbed), k
 
 
+def test_step_over_sigma_is_the_update_rms_in_units_of_sigma(tmp_path):
+    """``es/step_over_sigma`` (plain SGD): the RMS change of the perturbed weights in one step / sigma."""
+    tr = _trainer(tmp_path, max_steps=1, greedy=False, population_size=8, learning_rate=0.01)
+    before = {n: p.weight.detach().clone() for n, p in tr.population.params.items()}
+    tr.train()
+    sq = sum(float((p.weight - before[n]).double().pow(2).sum()) for n, p in tr.population.params.items())
+    rms = (sq / tr.population.num_perturbed_parameters()) ** 0.5
+    logged = next(h["es/step_over_sigma"] for h in tr.state.log_history if "es/step_over_sigma" in h)
+    assert rms > 0 and logged == pytest.approx(rms / 0.2, rel=1e-4)
+
+
 def test_same_seed_same_weights_and_resume_equals_uninterrupted(tmp_path):
     def run(out, max_steps, resume=None, save_steps=None):
         tok = char_tokenizer(ALPHABET)
