@@ -23,9 +23,8 @@ import math
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
 
+from .noise import MAX_FLOATS_PER_CALL
 from .population import Population
-
-UPDATE_CHUNK_FLOATS = 1 << 22  # noise floats regenerated per chunk of the update (16 MiB in float32)
 
 
 def noise_weights(fitness: torch.Tensor, antithetic: bool) -> torch.Tensor:
@@ -39,13 +38,13 @@ def noise_weights(fitness: torch.Tensor, antithetic: bool) -> torch.Tensor:
 
 
 def update_chunk_size(pop: Population, name: str) -> int:
-    """Noise indices per chunk of the update of weight ``name``: ``UPDATE_CHUNK_FLOATS`` noise floats.
+    """Noise indices per chunk of the update of weight ``name``: ``MAX_FLOATS_PER_CALL`` noise floats.
 
     A function of the weight's shape and the rank only, so the sums (and their rounding) are the
     same on every process and for every population size."""
     m, n = pop.params[name].shape
     per_index = m * n if pop.noise.full_rank else pop.noise.rank * (m + n)
-    return max(1, UPDATE_CHUNK_FLOATS // per_index)
+    return max(1, MAX_FLOATS_PER_CALL // per_index)
 
 
 def es_direction(pop: Population, name: str, weights: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:

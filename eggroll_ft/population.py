@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .noise import NoiseConfig
+from .noise import MAX_FLOATS_PER_CALL, NoiseConfig
 
 try:  # GPT-2 style models use a transposed linear layer
     from transformers.pytorch_utils import Conv1D
@@ -135,6 +135,7 @@ class _Block:
     sources: list = field(default_factory=list)  # [(block, dst groups (k,), its groups (k,))]
     missing: torch.Tensor | None = None  # (k,) groups no block in flight holds (None: all): generated
     releases: list = field(default_factory=list)  # sources no longer in flight: each layer dropped once copied
+    takeover: tuple | None = None  # (released block of the same layout, its groups already in place)
 
     @property
     def idle(self) -> bool:
@@ -270,10 +271,23 @@ class Population:
         for k in [k for k in self._in_flight if k not in keep]:
             del self._in_flight[k]
         held = {id(b) for b, _ in self._in_flight.values()}
+        released = [b for b, _, _ in found if id(b) not in held]
+        # the engine's decode block after a refill has the layout of the one before: take over its
+        # tensors and rewrite only the groups that changed (the source goes first: its moved
+        # groups are read before anything else is written)
+        same_place = {id(b): [d for d, s_ in zip(dst, src) if d == s_] for b, dst, src in found
+                      if b in released and b.scale.shape == block.scale.shape}
+        heir = max(same_place, key=lambda i: len(same_place[i]), default=None)
+        if heir is not None and same_place[heir]:
+            taken = set(same_place[heir])
+            found = sorted(((b, [d for d in dst if not (id(b) == heir and d in taken)],
+                             [s_ for d, s_ in zip(dst, src) if not (id(b) == heir and d in taken)])
+                            for b, dst, src in found), key=lambda e: id(e[0]) != heir)
+            block.takeover = (found[0][0], torch.tensor(sorted(taken), device=block.group_index.device))
         device = block.group_index.device
-        block.sources = [(b, torch.tensor(dst, device=device), torch.tensor(src, device=device))
-                         for b, dst, src in found]
-        block.releases = [b for b, _, _ in found if id(b) not in held]
+        block.sources = [(b, torch.tensor(dst, dtype=torch.long, device=device),
+                          torch.tensor(src, dtype=torch.long, device=device)) for b, dst, src in found if dst]
+        block.releases = released
         block.missing = torch.tensor(missing, dtype=torch.long, device=device)
 
     def _held(self, indices: list[int], key: tuple | None = None) -> tuple[list, list[int]]:
@@ -291,58 +305,87 @@ class Population:
             entry[2].append(hit[1])
         return list(found.values()), missing
 
-    def _generate(self, p: PerturbedParam, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """This step's noise of ``indices`` for one weight, float32: ``(A (k, m, r), B (k, n, r))``
-        or, full rank, ``(E (k, m, n),)``. Each index is generated once even when repeated."""
+    def _generate(self, layers: list[PerturbedParam], indices: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """This step's noise of ``indices`` for weights of one shape, in one generator call; per
+        weight, float32, ``(A (k, m, r), B (k, n, r))`` or, full rank, ``(E (k, m, n),)``. Each
+        index is generated once even when repeated."""
+        p = layers[0]
         device = p.weight.device
         unique, inverse = torch.unique(indices, return_inverse=True)
         if unique.numel() == indices.numel():
             unique, inverse = indices, None
-        if self.noise.full_rank:
-            out = (self.noise.dense(self.step, p.name, p.shape, unique, device),)
-        else:
-            out = self.noise.low_rank_factors(self.step, p.name, p.shape, unique, device)
-        return out if inverse is None else tuple(t[inverse.to(device)] for t in out)
+        out = self.noise.factors(self.step, [q.name for q in layers], p.shape, unique, device)
+        if inverse is not None:
+            out = tuple(t[:, inverse.to(device)] for t in out)
+        return [tuple(t[i] for t in out) for i in range(len(layers))]
 
     def _row_factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """The active block's noise of one weight in the hook's layout, with the groups' scales:
         ``(B_u (U, n, r), A_u (U, r, m), scale (U, G))``, or ``(E_u (U, m, n), scale (U, G))`` at
-        full rank, in ``dtype``. Built on first use in the block, then read by every forward."""
+        full rank, in ``dtype``. Built with every other layer's on first use in the block."""
         block = self._active
-        key = (name, dtype)
-        built = block.factors.get(key)
-        if built is not None:
-            return built
-        p = self.params[name]
-        device = p.weight.device
+        built = block.factors.get((name, dtype))
+        if built is None:
+            self._build(block, dtype)
+            built = block.factors[(name, dtype)]
+        return built
+
+    def _build(self, block: _Block, dtype: torch.dtype) -> None:
+        """Build the block's factors of every layer not built yet: copied from the blocks that hold
+        them, the rest generated for several layers of one shape per call (a refill of a few rows
+        would otherwise pay a generator call's fixed cost per layer), ``MAX_FLOATS_PER_CALL`` at a
+        time. Each layer's copy in a block no longer in flight is dropped once copied, so a step
+        holds about one copy of the noise in flight."""
+        groups = torch.arange(block.group_index.numel()) if block.missing is None else block.missing
+        by_shape: dict[tuple, list[PerturbedParam]] = {}
+        for name, p in self.params.items():
+            if (name, dtype) not in block.factors:
+                by_shape.setdefault((p.shape, p.weight.device), []).append(p)
+        for (shape, device), layers in by_shape.items():
+            k = groups.numel()
+            per_layer = k * (shape[0] * shape[1] if self.noise.full_rank else self.noise.rank * (shape[0] + shape[1]))
+            batch = max(1, MAX_FLOATS_PER_CALL // max(per_layer, 1))
+            for start in range(0, len(layers), batch):
+                chunk = layers[start:start + batch]
+                fresh = self._generate(chunk, block.group_index.to(device)[groups.to(device)]) if k else [None] * len(chunk)
+                for p, noise in zip(chunk, fresh):
+                    self._assemble(block, p, dtype, groups.to(device), noise)
+        # every layer built: let the older blocks go (a layer dropped later is generated anew)
+        block.sources, block.releases, block.missing, block.takeover = [], [], None, None
+
+    def _assemble(self, block: _Block, p: PerturbedParam, dtype: torch.dtype, groups: torch.Tensor,
+                  noise: tuple[torch.Tensor, ...] | None) -> None:
+        """One layer's factors of the block: ``noise`` (generated for ``groups``) and the rest
+        copied from the blocks holding it, in the hook's layout and ``dtype``."""
+        key, device = (p.name, dtype), p.weight.device
         m, n = p.shape
         r = self.noise.rank
-        shapes = [(m, n)] if self.noise.full_rank else [(n, r), (r, m)]
         U = block.group_index.numel()
-        out = [torch.empty((U, *s), dtype=dtype, device=device) for s in shapes]
-        todo = [torch.arange(U, device=device) if block.missing is None else block.missing.to(device)]
+        fill = [(groups, noise)] if noise is not None else []
+        taken = block.takeover[0].factors.pop(key, None) if block.takeover is not None else None
+        if taken is not None:
+            out = list(taken[:-1])  # its groups block.takeover[1] already hold this block's noise
+        else:
+            out = [torch.empty((U, *s), dtype=dtype, device=device) for s in ([(m, n)] if self.noise.full_rank
+                                                                               else [(n, r), (r, m)])]
+            if block.takeover is not None:  # that layer was given up: generate those groups too
+                dst = block.takeover[1].to(device)
+                fill.append((dst, self._generate([p], block.group_index.to(device)[dst])[0]))
         for source, dst, src in block.sources:
             held = source.factors.get(key)
             if held is None:  # that block never ran this layer, or gave it up: generate
-                todo.append(dst.to(device))
+                fill.append((dst.to(device), self._generate([p], block.group_index.to(device)[dst.to(device)])[0]))
                 continue
             for o, h in zip(out, held[:-1]):
                 o[dst.to(device)] = h[src.to(device)]
-        todo = torch.cat(todo)
-        if todo.numel():
-            fresh = self._generate(p, block.group_index.to(device)[todo])
+        for dst, fresh in fill:
             if not self.noise.full_rank:
                 fresh = (fresh[1], fresh[0].transpose(1, 2))  # (k, n, r), (k, r, m)
             for o, f in zip(out, fresh):
-                o[todo] = f.to(dtype)
+                o[dst] = f.to(dtype)
         for source in block.releases:
             source.factors.pop(key, None)
-        built = (*out, block.scale.to(device, dtype))
-        block.factors[key] = built
-        if sum(d == dtype for _, d in block.factors) == len(self.params):
-            # every layer built: let the older blocks go (a layer dropped later is generated anew)
-            block.sources, block.releases, block.missing = [], [], None
-        return built
+        block.factors[key] = (*out, block.scale.to(device, dtype))
 
     def factors(self, name: str, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """This step's noise of noise ``indices (k,)`` for weight ``name``, float32, in ``noise.py``'s
@@ -355,7 +398,7 @@ class Population:
         key = (name, torch.float32)
         found, missing = self._held(indices.tolist(), key)
         if not found:
-            return self._generate(p, indices)
+            return self._generate([p], indices)[0]
         m, n = p.shape
         r = self.noise.rank
         k = indices.numel()
@@ -369,7 +412,7 @@ class Population:
                 o[dst] = h[src]
         if missing:
             missing = torch.tensor(missing, device=device)
-            for o, f in zip(out, self._generate(p, indices[missing])):
+            for o, f in zip(out, self._generate([p], indices[missing])[0]):
                 o[missing] = f
         return tuple(out)
 

@@ -86,9 +86,9 @@ GENERATED: list[int] = []  # noise indices per generation call, recorded by _Rec
 class _RecordingNoise(NoiseConfig):
     """The library's noise, recording how many noise indices each call generates."""
 
-    def low_rank_factors(self, step, param_id, shape, indices, device=None):
+    def factors(self, step, param_ids, shape, indices, device=None):
         GENERATED.append(len(indices))
-        return super().low_rank_factors(step, param_id, shape, indices, device)
+        return super().factors(step, param_ids, shape, indices, device)
 
 
 def _training_step_noise(N: int, slots: int, chunk: int) -> tuple[int, int, int]:
