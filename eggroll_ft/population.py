@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import noise_kernel as _kernel
 from .noise import MAX_FLOATS_PER_CALL, NoiseConfig
 
 try:  # GPT-2 style models use a transposed linear layer
@@ -129,6 +130,8 @@ class _Block:
     given: object  # what was passed to members(): the same tensor, unmodified, re-enters this block
     version: int | None  # its _version then (the engine refills its slot tensor in place)
     grouped: bool
+    row_index: torch.Tensor | None = None  # (P,) noise index of each row (clamped: 0 for unperturbed rows)
+    row_scale: torch.Tensor | None = None  # (P,) float32: sigma/sqrt(r) s_i, 0 on unperturbed rows
     group_index: torch.Tensor | None = None  # (U,) noise index of each group
     scale: torch.Tensor | None = None  # (U, G) float32: sigma/sqrt(r) s_i, 0 on unperturbed rows
     factors: dict = field(default_factory=dict)  # (name, dtype) -> (*noise in the hook's layout, scale)
@@ -166,11 +169,21 @@ class Population:
     """
 
     def __init__(self, model: nn.Module, noise: NoiseConfig, population_size: int, sigma: float,
-                 perturb_modules=None, exclude_modules=None):
+                 perturb_modules=None, exclude_modules=None, noise_kernel: str = "auto"):
+        """``noise_kernel``: how a forward adds the low-rank term. ``"torch"``: from the block's
+        factors (generated once per block, see above); ``"triton"``: ``noise_kernel.lowrank_add_``,
+        the noise made inside the kernel, nothing held (CUDA, or CPU under ``TRITON_INTERPRET=1``);
+        ``"auto"``: Triton on CUDA when it is installed, else torch. Full rank always uses torch."""
         if noise.antithetic and population_size % 2:
             raise ValueError(f"population_size={population_size} must be even when antithetic=True")
         if population_size < 1:
             raise ValueError(f"population_size={population_size} must be >= 1")
+        if noise_kernel not in ("auto", "torch", "triton"):
+            raise ValueError(f"noise_kernel={noise_kernel!r} must be 'auto', 'torch' or 'triton'")
+        if noise_kernel == "triton" and not _kernel.available():
+            raise ValueError("noise_kernel='triton' needs triton: pip install 'eggroll-ft[triton]'")
+        self.noise_kernel = noise_kernel
+        self._keys: dict[str, int] = {}  # this noise epoch's stream key of each weight (the kernel's seed)
         self.model = model
         self.noise = noise
         self.population_size = population_size
@@ -198,6 +211,7 @@ class Population:
         """Move to ES step ``step`` (new noise unless ``noise_reuse`` shares it) and ``sigma``."""
         if self.noise.epoch(step) != self.noise.epoch(self.step):
             self._in_flight.clear()
+            self._keys.clear()
         self._last = None  # the next block recomputes its scales (sigma may change)
         self.step = int(step)
         if sigma is not None:
@@ -251,6 +265,7 @@ class Population:
         idx = self.noise.noise_index(safe)  # (P,)
         scale = self.noise.sign(safe) * (ids >= 0).to(torch.float32) * (self.sigma / math.sqrt(self.noise.rank))
         G = _run_length(idx) if grouped else 1
+        block.row_index, block.row_scale = idx, scale
         block.group_index, block.scale = idx.view(-1, G)[:, 0], scale.view(-1, G)  # (U,), (U, G)
         self._plan(block)
         return block
@@ -438,6 +453,11 @@ class Population:
         if torch.is_grad_enabled() or not out.is_contiguous():
             out = out.contiguous().clone()
         x = x.contiguous()
+        if self._fused(x, out):
+            block = self._active
+            if name not in self._keys:
+                self._keys[name] = self.noise.key(self.step, name)
+            return _kernel.lowrank_add_(out, x, block.row_index, block.row_scale, self._keys[name], self.noise.rank)
         m, n = self.params[name].shape
         *noise, scale = self._row_factors(name, x.dtype)
         U, G = scale.shape
@@ -458,6 +478,16 @@ class Population:
         else:
             og.baddbmm_(xb, Au)
         return out
+
+    def _fused(self, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """Whether this forward adds the low-rank term through the Triton kernel (see ``__init__``):
+        not at full rank, not inside a compiled graph (it reads the block's factors, built before
+        the step by ``gather_rows``), not where autograd must see the term."""
+        if self.noise_kernel == "torch" or self.noise.full_rank or torch.compiler.is_compiling():
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
+            return False
+        return self.noise_kernel == "triton" or (x.is_cuda and _kernel.available())
 
     def _make_hook(self, p: PerturbedParam):
         def hook(module, args, output):

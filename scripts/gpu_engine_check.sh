@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# Issue 4's GPU figures in one device call (docs/benchmarks.md, "Generation engine"), in three timed
-# parts, each writing its own file to $OUT (the device tool) or ./gpu_check, so a part that runs out
-# of time or fails leaves the others' results:
+# Issues 4 and 17's GPU figures in one device call (docs/benchmarks.md, "Generation engine"), in four
+# timed parts, each writing its own file to $OUT (the device tool) or ./gpu_check, so a part that runs
+# out of time or fails leaves the others' results:
 #   1. bench_eager.txt: the engine on a random ~0.5B Llama (Qwen2.5-0.5B's shape, config built in
 #      code) in bf16, 1,024 sequences in flight: every ratio of bench_engine.py against a baseline
-#      timed in the same run (plain generation, naive ES, HF generate, train-step memory);
+#      timed in the same run (plain generation, naive ES, HF generate, train-step memory). On CUDA
+#      the population adds its low-rank term through the Triton kernel (noise made in-kernel,
+#      nothing read: Population(noise_kernel="auto"));
 #   2. tests_cuda.txt: the engine tests on CUDA (EGGROLL_TEST_DEVICE=cuda), with the CUDA-graph test
-#      (compile_decode=True records the decode step as a CUDA graph, replays give eager's completions);
-#   3. bench_compiled.txt: the same engines with the decode step captured (CUDA graphs), compiled /
+#      (compile_decode=True records the decode step as a CUDA graph, replays give eager's
+#      completions), and the Triton kernel's tests compiled on the GPU (equal to the torch path);
+#   3. bench_torch_noise.txt: the eager ratios again with the low-rank term read from factors built
+#      per block in torch (--noise-kernel torch), to set beside part 1's;
+#   4. bench_compiled.txt: the same engines with the decode step captured (CUDA graphs), compiled /
 #      eager and population / plain, graphs recorded and skipped, compiled-vs-eager agreement.
-# Time limits: 200 s (eager), 200 s (tests), and what is left of 570 s for the captured part (its two
-# compilations are the least predictable), so the whole script ends inside one 600 s device call.
+# Time limits: 180 s (eager), 150 s (tests), 90 s (torch noise), and what is left of 570 s for the
+# captured part (its two compilations are the least predictable), so the whole script ends inside
+# one 600 s device call.
 #
 #   bash scripts/gpu_engine_check.sh                                  # on the GPU machine
 #   DEVICE=cpu DTYPE=float32 SIZE="--hidden 64 --layers 2 --intermediate 128 --heads 4 --kv-heads 2 --vocab 512" \
@@ -22,7 +28,7 @@ OUT_DIR="${OUT:-gpu_check}"
 mkdir -p "$OUT_DIR"
 DEVICE="${DEVICE:-cuda}" DTYPE="${DTYPE:-bfloat16}" POP="${POP:-1024}" NEW="${NEW:-128}"
 SIZE="${SIZE:---hidden 896 --layers 24 --intermediate 4864 --heads 14 --kv-heads 2 --vocab 151936}"
-T_TOTAL="${T_TOTAL:-570}" T_EAGER="${T_EAGER:-200}" T_TESTS="${T_TESTS:-200}"
+T_TOTAL="${T_TOTAL:-570}" T_EAGER="${T_EAGER:-180}" T_TESTS="${T_TESTS:-150}" T_TORCH_NOISE="${T_TORCH_NOISE:-90}"
 
 part() {  # part NAME SECONDS COMMAND...: run with a time limit, output to $OUT_DIR/NAME.txt
   local name=$1 limit=$2 t0=$SECONDS
@@ -37,6 +43,8 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, output to $OUT_
 # shellcheck disable=SC2086
 BENCH=(python scripts/bench_engine.py --device "$DEVICE" --dtype "$DTYPE" $SIZE --population "$POP" --new-tokens "$NEW" --reps 3)
 part bench_eager "$T_EAGER" "${BENCH[@]}" --naive-members 4 --naive-reps 1
-EGGROLL_TEST_DEVICE="$DEVICE" part tests_cuda "$T_TESTS" python -m pytest -q -p no:cacheprovider tests/test_engine.py -rs
+EGGROLL_TEST_DEVICE="$DEVICE" part tests_cuda "$T_TESTS" python -m pytest -q -p no:cacheprovider tests/test_engine.py \
+  tests/test_noise_kernel.py -rs
+part bench_torch_noise "$T_TORCH_NOISE" "${BENCH[@]}" --noise-kernel torch --reps 2 --naive-members 0 --skip-hf --skip-memory
 left=$((T_TOTAL - SECONDS)); [ "$left" -lt 60 ] && left=60
 part bench_compiled "${T_COMPILED:-$left}" "${BENCH[@]}" --compile --naive-members 0 --skip-hf --skip-memory
