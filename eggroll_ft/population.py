@@ -122,14 +122,16 @@ class _Block:
 
     Rows come in ``U`` groups of ``G`` rows sharing a noise index (``G = 1`` unless they run in
     equal runs, see ``_run_length``). ``factors[(name, dtype)]`` holds one layer's noise for the
-    groups in the hook's layout, built on the layer's first forward in the block: copied from the
-    blocks that hold it (``sources``, found at entry) and generated for the rest (``missing``).
+    groups in the hook's layout, built for every layer at the block's first forward: copied from
+    the blocks that hold it (``sources``, found at entry; ``takeover``) and generated for the rest
+    (``missing``).
     """
 
     ids: torch.Tensor  # (P,) validated member ids
     given: object  # what was passed to members(): the same tensor, unmodified, re-enters this block
     version: int | None  # its _version then (the engine refills its slot tensor in place)
     grouped: bool
+    idle: bool  # every row runs the mean weights (evaluation): the hooks do nothing
     row_index: torch.Tensor | None = None  # (P,) noise index of each row (clamped: 0 for unperturbed rows)
     row_scale: torch.Tensor | None = None  # (P,) float32: sigma/sqrt(r) s_i, 0 on unperturbed rows
     group_index: torch.Tensor | None = None  # (U,) noise index of each group
@@ -139,11 +141,6 @@ class _Block:
     missing: torch.Tensor | None = None  # (k,) groups no block in flight holds (None: all): generated
     releases: list = field(default_factory=list)  # sources no longer in flight: each layer dropped once copied
     takeover: tuple | None = None  # (released block of the same layout, its groups already in place)
-
-    @property
-    def idle(self) -> bool:
-        """Every row runs the mean weights (evaluation): the hooks do nothing."""
-        return self.ids.numel() > 0 and bool((self.ids == UNPERTURBED).all())
 
     def reentered_by(self, member_ids, grouped: bool) -> bool:
         return (member_ids is self.given and torch.is_tensor(member_ids) and member_ids._version == self.version
@@ -258,7 +255,8 @@ class Population:
         if ids.numel() and (int(ids.max()) >= self.population_size or int(ids.min()) < UNPERTURBED):
             raise ValueError(f"member ids must lie in [-1, {self.population_size}), got "
                              f"[{int(ids.min())}, {int(ids.max())}]")
-        block = _Block(ids, member_ids, member_ids._version if torch.is_tensor(member_ids) else None, grouped)
+        idle = ids.numel() > 0 and bool((ids == UNPERTURBED).all())
+        block = _Block(ids, member_ids, member_ids._version if torch.is_tensor(member_ids) else None, grouped, idle)
         if block.idle:
             return block
         safe = ids.clamp(min=0)
@@ -286,24 +284,32 @@ class Population:
         for k in [k for k in self._in_flight if k not in keep]:
             del self._in_flight[k]
         held = {id(b) for b, _ in self._in_flight.values()}
-        released = [b for b, _, _ in found if id(b) not in held]
-        # the engine's decode block after a refill has the layout of the one before: take over its
-        # tensors and rewrite only the groups that changed (the source goes first: its moved
-        # groups are read before anything else is written)
-        same_place = {id(b): [d for d, s_ in zip(dst, src) if d == s_] for b, dst, src in found
-                      if b in released and b.scale.shape == block.scale.shape}
-        heir = max(same_place, key=lambda i: len(same_place[i]), default=None)
-        if heir is not None and same_place[heir]:
-            taken = set(same_place[heir])
-            found = sorted(((b, [d for d in dst if not (id(b) == heir and d in taken)],
-                             [s_ for d, s_ in zip(dst, src) if not (id(b) == heir and d in taken)])
-                            for b, dst, src in found), key=lambda e: id(e[0]) != heir)
-            block.takeover = (found[0][0], torch.tensor(sorted(taken), device=block.group_index.device))
+        block.releases = [b for b, _, _ in found if id(b) not in held]
+        found = self._take_over(block, found)
         device = block.group_index.device
         block.sources = [(b, torch.tensor(dst, dtype=torch.long, device=device),
                           torch.tensor(src, dtype=torch.long, device=device)) for b, dst, src in found if dst]
-        block.releases = released
         block.missing = torch.tensor(missing, dtype=torch.long, device=device)
+
+    @staticmethod
+    def _take_over(block: _Block, found: list) -> list:
+        """The engine's decode block after a refill has the layout of the one before: take over the
+        tensors of the released source whose groups most often sit at the same positions, so that
+        only the other groups are written (``block.takeover``). Returns the sources left to copy,
+        that block's first: its moved groups are read before anything else is written."""
+        in_place = {id(b): [d for d, s_ in zip(dst, src) if d == s_] for b, dst, src in found
+                    if b in block.releases and b.scale.shape == block.scale.shape}
+        heir = max(in_place, key=lambda i: len(in_place[i]), default=None)
+        if heir is None or not in_place[heir]:
+            return found
+        taken = set(in_place[heir])
+        rest = []
+        for b, dst, src in found:
+            pairs = [(d, s_) for d, s_ in zip(dst, src) if id(b) != heir or d not in taken]
+            rest.append((b, [d for d, _ in pairs], [s_ for _, s_ in pairs]))
+        rest.sort(key=lambda e: id(e[0]) != heir)
+        block.takeover = (rest[0][0], torch.tensor(sorted(taken), device=block.group_index.device))
+        return rest
 
     def _held(self, indices: list[int], key: tuple | None = None) -> tuple[list, list[int]]:
         """Where the blocks in flight hold the noise of ``indices``: ``[(block, positions, its
