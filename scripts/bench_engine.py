@@ -33,8 +33,9 @@ Figures:
    to serve large blocks by mmap so that freed memory leaves the resident set. On CUDA:
    ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the allocated bytes;
 5. ``--memory-populations N1 N2 ...``: the training step of 4 at each population size (same slots,
-   prompts and lengths), each in a fresh subprocess: its peak memory over the first size's, and its
-   time split into generation, update and noise generation (inside both), with the noise's share.
+   prompts and lengths), each in a fresh subprocess: its peak memory over the first size's, and (in
+   a second subprocess, with glibc's default allocator settings) its time split into generation,
+   rewards and update, and noise generation (inside both), with the noise's share.
 
 Repetitions of ours and the baselines are interleaved and medians reported, because the machine
 is shared: only the ratios from one run are meaningful, not the absolute tokens/s.
@@ -295,12 +296,14 @@ def memory_child(args) -> None:
     print(json.dumps({"peak_over_base_bytes": peak - base, "seconds": seconds}))
 
 
-def _child(mode: str, *extra: str) -> dict:
-    """Run one memory workload in a fresh subprocess (this script's arguments, then ``extra``)."""
+def _child(mode: str, *extra: str, for_memory: bool = True) -> dict:
+    """Run one workload in a fresh subprocess (this script's arguments, then ``extra``)."""
     cmd = [sys.executable, __file__, "--memory-child", mode, *sys.argv[1:], *extra]
-    # large blocks through mmap, so freed memory leaves the resident set at once and the
-    # high-water mark tracks live allocations rather than glibc's reuse of freed heap
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    env = dict(os.environ)
+    if for_memory:  # large blocks through mmap, so freed memory leaves the resident set at once and the
+        # high-water mark tracks live allocations rather than glibc's reuse of freed heap (this makes
+        # allocation-heavy code slower: time a step in a child without it)
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1])
 
 
@@ -318,7 +321,7 @@ def memory_populations(args) -> dict:
     rows, first = {}, None
     for N in args.memory_populations:
         r = _child("train", "--population", str(N))
-        sec = r["seconds"]
+        sec = _child("train", "--population", str(N), for_memory=False)["seconds"]  # timed with glibc's defaults
         step = sec["generation"] + sec["rewards_and_update"]
         noise = sec["noise_in_generation"] + sec["noise_in_update"]
         first = first or r["peak_over_base_bytes"]
