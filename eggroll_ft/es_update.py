@@ -7,9 +7,9 @@ EGGROLL (Sarkar et al. 2025, arXiv 2511.16652, Sec. 3), the OpenES estimator wit
 With antithetic pairs (members 2k, 2k+1 share A_k, B_k with signs +1, -1) the sum collapses to
 one term per pair weighted by ``w_k = f_2k - f_2k+1``, and per weight it is a matmul,
 ``A^T diag(w) B`` with ``A`` laid out ``(m, K r)`` and ``B`` ``(n, K r)``. It is accumulated over
-chunks of noise indices, ``g = sum_c A_c^T diag(w_c) B_c``, each chunk's factors regenerated (or
-copied from the rows still in flight, ``Population.factors``), so the update holds
-``chunk x r (m + n)`` noise floats at a time, not ``K r (m + n)``. The chunks depend only on the
+chunks of noise indices, ``g = sum_c A_c^T diag(w_c) B_c``, each chunk's factors regenerated
+(``Population.factors``), so the update holds ``chunk x r (m + n)`` noise floats at a time, not
+``K r (m + n)``. The chunks depend only on the
 weight's shape, so every process computes the same sums in the same order. No per-member ``E_i``
 is ever materialised. Full-rank mode sums dense ``E_k`` (OpenES), chunk by chunk as well.
 

@@ -311,14 +311,14 @@ class Population:
         block.takeover = (rest[0][0], torch.tensor(sorted(taken), device=block.group_index.device))
         return rest
 
-    def _held(self, indices: list[int], key: tuple | None = None) -> tuple[list, list[int]]:
+    def _held(self, indices: list[int]) -> tuple[list, list[int]]:
         """Where the blocks in flight hold the noise of ``indices``: ``[(block, positions, its
-        groups)]``, and the positions none holds (with ``key = (name, dtype)``: none that built it)."""
+        groups)]``, and the positions none holds."""
         found: dict[int, tuple[_Block, list, list]] = {}
         missing = []
         for j, k in enumerate(indices):
             hit = self._in_flight.get(k)
-            if hit is None or (key is not None and key not in hit[0].factors):
+            if hit is None:
                 missing.append(j)
                 continue
             entry = found.setdefault(id(hit[0]), (hit[0], [], []))
@@ -409,33 +409,12 @@ class Population:
         block.factors[key] = (*out, block.scale.to(device, dtype))
 
     def factors(self, name: str, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """This step's noise of noise ``indices (k,)`` for weight ``name``, float32, in ``noise.py``'s
-        layout: ``(A (k, m, r), B (k, n, r))``, or ``(E (k, m, n),)`` at full rank. Copied from the
-        blocks in flight where they hold it in float32 (the same values: the generator is a pure
-        function of its coordinates), generated otherwise. The ES update reads it chunk by chunk."""
+        """This step's noise of noise ``indices (k,)`` for weight ``name``, generated, float32, in
+        ``noise.py``'s layout: ``(A (k, m, r), B (k, n, r))``, or ``(E (k, m, n),)`` at full rank.
+        The ES update reads it chunk by chunk. (Copying what the rows in flight hold instead did
+        not measurably pay: docs/benchmarks.md, issue 17.)"""
         p = self.params[name]
-        device = p.weight.device
-        indices = torch.as_tensor(indices, dtype=torch.long).to(device)
-        key = (name, torch.float32)
-        found, missing = self._held(indices.tolist(), key)
-        if not found:
-            return self._generate([p], indices)[0]
-        m, n = p.shape
-        r = self.noise.rank
-        k = indices.numel()
-        out = [torch.empty(k, m, n, device=device)] if self.noise.full_rank else \
-            [torch.empty(k, m, r, device=device), torch.empty(k, n, r, device=device)]
-        for block, dst, src in found:
-            held = block.factors[key][:-1]  # the hook's layout
-            held = held if self.noise.full_rank else (held[1].transpose(1, 2), held[0])
-            dst, src = torch.tensor(dst, device=device), torch.tensor(src, device=device)
-            for o, h in zip(out, held):
-                o[dst] = h[src]
-        if missing:
-            missing = torch.tensor(missing, device=device)
-            for o, f in zip(out, self._generate([p], indices[missing])[0]):
-                o[missing] = f
-        return tuple(out)
+        return self._generate([p], torch.as_tensor(indices, dtype=torch.long).to(p.weight.device))[0]
 
     def gather_rows(self, dtype: torch.dtype) -> None:
         """Build every layer's factors of the active members block now (see ``_row_factors``), so

@@ -127,8 +127,7 @@ def test_noise_of_a_step_does_not_grow_with_the_population():
 def test_factors_of_the_rows_in_flight_are_the_generated_noise():
     """A block copies the factors its rows share with the blocks in flight (the engine's refill:
     slot tensor changed in place, new rows prefilled in their own block) and generates the rest;
-    every row reads exactly noise.py's values, and Population.factors (what the update reads)
-    returns them too, copied or generated."""
+    every row reads exactly noise.py's values, and only the refilled slots' noise stays in flight."""
     model = tiny_llama(30)
     pop = Population(model, NoiseConfig(seed=2, rank=2), 16, 0.1)
     pop.set_step(1)
@@ -155,7 +154,3 @@ def test_factors_of_the_rows_in_flight_are_the_generated_noise():
         want = generated(torch.tensor(members))
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), members
     assert sorted(pop._in_flight) == [0, 4]  # the noise of slots' pairs 0 and 4; pair 2 left with its rows
-    for indices in (torch.tensor([4, 0]), torch.tensor([7, 0, 3])):  # copied, and copied + generated
-        a, b = pop.factors(name, indices)
-        want = pop.noise.low_rank_factors(1, name, (m, n), indices)
-        assert torch.equal(a, want[0]) and torch.equal(b, want[1])
