@@ -392,8 +392,8 @@ class Population:
             if block.takeover is not None:  # that layer was given up: generate those groups too
                 dst = block.takeover[1].to(device)
                 fill.append((dst, self._generate([p], block.group_index.to(device)[dst])[0]))
-        for source, dst, src in block.sources:
-            held = source.factors.get(key)
+        for source, dst, src in block.sources:  # the block taken over first: its moved groups are read
+            held = taken if taken is not None and source is block.takeover[0] else source.factors.get(key)
             if held is None:  # that block never ran this layer, or gave it up: generate
                 fill.append((dst.to(device), self._generate([p], block.group_index.to(device)[dst.to(device)])[0]))
                 continue

@@ -154,3 +154,24 @@ def test_factors_of_the_rows_in_flight_are_the_generated_noise():
         want = generated(torch.tensor(members))
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), members
     assert sorted(pop._in_flight) == [0, 4]  # the noise of slots' pairs 0 and 4; pair 2 left with its rows
+
+
+def test_a_block_taking_over_its_predecessor_moves_and_refills_groups():
+    """The decode block after a refill takes over the tensors of the block it replaces: groups
+    that stayed in place are kept, groups that moved are copied, new ones come from the prefill
+    block or are generated; every row still reads noise.py's values."""
+    model = tiny_llama(30)
+    pop = Population(model, NoiseConfig(seed=5, rank=1), 20, 0.1)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    m, n = pop.params[name].shape
+    slots = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])  # groups (pairs) 0, 1, 2, 3
+    with pop.members(slots):
+        pop.gather_rows(torch.float32)
+    slots[:] = torch.tensor([6, 7, 2, 3, 12, 13, 0, 1])  # pairs 3, 1, 6, 0: 1 in place, 3 and 0 moved, 6 new
+    with pop.members(torch.tensor([12, 13])):
+        pop.gather_rows(torch.float32)
+    with pop.members(slots):
+        assert pop._active.takeover is not None and pop._active.takeover[1].tolist() == [1]
+        Bu, Au, scale = pop._row_factors(name, torch.float32)
+    A, B = pop.noise.low_rank_factors(0, name, (m, n), torch.tensor([3, 1, 6, 0]))
+    assert torch.equal(Bu, B) and torch.equal(Au, A.transpose(1, 2))
