@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 _MASK64 = (1 << 64) - 1
+MAX_FLOATS_PER_CALL = 1 << 22  # noise floats one generator call makes at most (16 MiB float32, int64 temporaries ~4x)
 
 
 def _signed(x: int) -> int:
@@ -80,16 +81,19 @@ def job_seed(seed: int, step: int, noise_index: torch.Tensor, prompt_index: torc
     return splitmix64(key ^ (noise_index.to(torch.int64) * 1_000_003 + prompt_index.to(torch.int64)))
 
 
-def noise_block(key: int, indices: torch.Tensor, size: int, device=None) -> torch.Tensor:
+def noise_block(key: int | torch.Tensor, indices: torch.Tensor, size: int, device=None) -> torch.Tensor:
     """Rows of i.i.d. normals: row ``j`` is the ``size`` values of noise index ``indices[j]``.
 
     Row contents depend only on ``(key, indices[j], size)``. One hash per two values: with
     ``h = ceil(size / 2)``, value ``e < h`` of a row is the cosine branch of the Box-Muller pair of
     counter ``index * h + e`` and value ``h + e`` its sine branch. Returns float32
-    ``(len(indices), size)``.
+    ``(len(indices), size)``; for a tensor of ``L`` keys (several streams, one call),
+    ``(L, len(indices), size)`` holding what ``L`` calls would return.
     """
     device = indices.device if device is None else device
     idx = indices.to(device=device, dtype=torch.int64)
+    if torch.is_tensor(key):
+        key = key.to(device=device, dtype=torch.int64).view(-1, 1, 1)  # (L, 1, 1)
     half = (size + 1) // 2
     counter = idx[:, None] * half + torch.arange(half, device=device, dtype=torch.int64)[None, :]
     h = splitmix64(counter * _GOLDEN + key)  # output `counter` of a SplitMix64 generator seeded with key
@@ -97,11 +101,11 @@ def noise_block(key: int, indices: torch.Tensor, size: int, device=None) -> torc
     u2 = ((h >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / (1 << 24))  # [0, 1)
     radius = torch.sqrt(-2.0 * torch.log(u1))
     angle = (2.0 * math.pi) * u2
-    out = torch.empty(idx.shape[0], 2, half, device=device, dtype=torch.float32)
-    torch.mul(radius, torch.cos(angle), out=out[:, 0])
-    torch.mul(radius, torch.sin(angle), out=out[:, 1])
-    out = out.view(idx.shape[0], 2 * half)
-    return out[:, :size] if 2 * half != size else out
+    out = torch.empty(*h.shape[:-1], 2, half, device=device, dtype=torch.float32)
+    torch.mul(radius, torch.cos(angle), out=out[..., 0, :])
+    torch.mul(radius, torch.sin(angle), out=out[..., 1, :])
+    out = out.view(*h.shape[:-1], 2 * half)
+    return out[..., :size] if 2 * half != size else out
 
 
 @dataclass(frozen=True)
@@ -140,21 +144,28 @@ class NoiseConfig:
     def key(self, step: int, param_id: str) -> int:
         return stream_key(self.seed, self.epoch(step), param_id)
 
+    def factors(self, step: int, param_ids: list[str], shape: tuple[int, int], indices: torch.Tensor,
+                device=None) -> tuple[torch.Tensor, ...]:
+        """The noise of ``indices`` for several weights of one shape, in one generator call (float32):
+        low rank ``(A (L, k, m, r), B (L, k, n, r))``, full rank ``(E (L, k, m, n),)``. Weight ``l``'s
+        values are those of ``low_rank_factors`` / ``dense`` for ``param_ids[l]``."""
+        m, n = shape
+        keys = torch.tensor([self.key(step, p) for p in param_ids], dtype=torch.int64)
+        if self.full_rank:
+            return (noise_block(keys, indices, m * n, device).view(len(param_ids), -1, m, n),)
+        z = noise_block(keys, indices, (m + n) * self.rank, device).view(len(param_ids), -1, m + n, self.rank)
+        return z[:, :, :m], z[:, :, m:]
+
     def low_rank_factors(self, step: int, param_id: str, shape: tuple[int, int],
                          indices: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``A (K, m, r)`` and ``B (K, n, r)`` for the noise indices asked for (float32)."""
-        m, n = shape
-        r = self.rank
-        z = noise_block(self.key(step, param_id), indices, (m + n) * r, device)  # (K, (m+n) r)
-        z = z.view(-1, m + n, r)
-        return z[:, :m], z[:, m:]
+        a, b = self.factors(step, [param_id], shape, indices, device)
+        return a[0], b[0]
 
     def dense(self, step: int, param_id: str, shape: tuple[int, int], indices: torch.Tensor,
               device=None) -> torch.Tensor:
         """Full-rank ``E (K, m, n)`` for the noise indices asked for (float32)."""
-        m, n = shape
-        z = noise_block(self.key(step, param_id), indices, m * n, device)
-        return z.view(-1, m, n)
+        return self.factors(step, [param_id], shape, indices, device)[0][0]
 
     def perturbation(self, step: int, param_id: str, shape: tuple[int, int], member: int) -> torch.Tensor:
         """The materialised ``s_i * E_i (m, n)`` of one member: for tests and naive baselines."""

@@ -15,8 +15,9 @@ repetitions, medians (the machine may be shared: only ratios from one run are me
 1. ``population_over_plain``: tokens/s of ``PopulationEngine.generate`` with every row a
    different member (rank 1, ``members = 0..J-1``) over the same engine and jobs with
    ``members = -1`` (the unperturbed model, hooks attached but idle);
-2. ``population_with_noise_over_plain``: the same, counting this step's noise generation
-   (every perturbed matrix's factors for the whole population, once per ES step);
+2. ``population_with_noise_over_plain``: the same, counting the noise the step's ES update
+   regenerates (every perturbed matrix's factors for the whole population, once per ES step; the
+   rows' own noise is generated inside the population's generation, as they enter the slots);
 3. ``plain_over_no_hooks``: ``members = -1`` over an engine without a population (hook cost).
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from eggroll_ft import NoiseConfig, Population
 from eggroll_ft.engine import PopulationEngine, SamplingParams
 from eggroll_ft.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
 
-from bench_engine import sync, timed  # noqa: E402  (scripts/ is on sys.path when run as a script)
+from bench_engine import timed  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
 SIZES = {"tiny": dict(width=64, layers=2, head_size=32), "mid": dict(width=768, layers=12, head_size=64)}
 
@@ -53,10 +54,10 @@ def bench(size: str, a) -> dict:
     tokens = N * new
     step = iter(range(1, 10**6))
 
-    def new_noise():  # a new ES step: every perturbed matrix's factors for the whole population
-        pop.set_step(next(step))
+    def new_noise():  # a new ES step, and every perturbed matrix's factors for the whole population,
+        pop.set_step(next(step))  # as the ES update regenerates them (generation makes the rows' own)
         for name in pop.params:
-            pop.factors(name)
+            pop.factors(name, torch.arange(pop.noise.num_noise(N)))
 
     def run(engine, m):
         def go():

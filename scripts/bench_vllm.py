@@ -13,8 +13,9 @@ jobs submitted at once. Timed per repetition (interleaved, medians):
   includes vLLM reading the step's adapters from disk); ``vllm_plain``: the same jobs without
   adapters (``members=-1``);
 * ``engine_population`` / ``engine_plain``: ``PopulationEngine`` on the same model, jobs, lengths;
-* ``adapter_write``: writing the step's N adapter files (``write_adapters``), ``noise``: generating
-  the step's factors (both backends need it), ``weight_push``: ``sync()`` of the perturbed weights.
+* ``adapter_write``: writing the step's N adapter files (``write_adapters``, which generates their
+  noise; the engine makes its rows' noise inside ``generate``), ``noise``: moving the population to a
+  new step (nothing is generated ahead), ``weight_push``: ``sync()`` of the perturbed weights.
 
 Figures: vllm population / vllm plain, vllm population / engine population (with and without the
 adapter writing), and the per-step seconds. On CPU every time is this process's CPU time, not
@@ -96,10 +97,8 @@ def run(args) -> dict:
     def check(out):
         assert sum(out.lengths) == tokens, (sum(out.lengths), tokens)
 
-    def new_noise():  # a new ES step: every layer's factors for the whole population
+    def new_noise():  # a new ES step (the engine makes its rows' noise inside generate, vLLM when writing adapters)
         pop.set_step(next(step))
-        for name in pop.params:
-            pop.factors(name)
 
     runs = {
         "vllm_population": lambda: check(backend.generate(prompts, members, 0, max_new_tokens=new, sampling=greedy)),

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from eggroll_ft.compare import BudgetCallback, CountingReward, first_reaching, greedy_accuracy, paired_change
 from eggroll_ft.recipe_utils import build_tiny_random_llama

@@ -27,12 +27,14 @@ def test_gpu_engine_check_dry_run_on_cpu(tmp_path):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run(["bash", str(ROOT / "scripts" / "gpu_engine_check.sh")], env=env, check=True,
                    capture_output=True, timeout=600)
-    parts = {name: (tmp_path / f"{name}.txt").read_text() for name in ("bench_eager", "tests_cuda", "bench_compiled")}
+    parts = {name: (tmp_path / f"{name}.txt").read_text()
+             for name in ("bench_eager", "tests_cuda", "bench_torch_noise", "bench_compiled")}
     for name, text in parts.items():
         assert text.rstrip().splitlines()[-1].startswith(f"== {name}: exit 0 after"), (name, text[-2000:])
     eager = _figures(parts["bench_eager"])
     assert eager["population_over_naive"] > 1 and eager["memory"]["train_over_infer"] > 0
     assert eager["population_over_hf_generate"] > 0 and eager["slots"] == 8
+    assert _figures(parts["bench_torch_noise"])["population_over_plain"] > 0
     compiled = _figures(parts["bench_compiled"])
     assert compiled["compiled_vs_eager_completions"] == {"jobs_equal": 1.0, "first_token_equal": 1.0}
     assert compiled["compiled_over_eager_population"] > 0 and "cuda_graphs" not in compiled

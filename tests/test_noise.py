@@ -60,3 +60,18 @@ def test_full_rank_mode_is_dense():
     assert torch.linalg.matrix_rank(e) == 5
     e1 = NoiseConfig(seed=0, rank=1).perturbation(0, "w", (6, 5), 0)
     assert torch.linalg.matrix_rank(e1) == 1
+
+
+def test_several_streams_in_one_call_equal_one_call_each():
+    """NoiseConfig.factors makes several weights' noise in one generator call (a refill of a few
+    rows then costs a few calls, not one per layer): exactly each stream's own values."""
+    cfg = NoiseConfig(seed=3, rank=2)
+    names = ["layers.0.q.weight", "layers.1.q.weight", "layers.2.q.weight"]
+    idx = torch.tensor([5, 0, 9, 5])
+    A, B = cfg.factors(4, names, (7, 5), idx)
+    assert A.shape == (3, 4, 7, 2) and B.shape == (3, 4, 5, 2)
+    for i, name in enumerate(names):
+        z = noise_block(cfg.key(4, name), idx, (7 + 5) * 2).view(4, 12, 2)
+        assert torch.equal(A[i], z[:, :7]) and torch.equal(B[i], z[:, 7:])
+    (E,) = NoiseConfig(seed=3, full_rank=True).factors(4, names[:2], (3, 5), idx)
+    assert torch.equal(E[1], noise_block(NoiseConfig(seed=3).key(4, names[1]), idx, 15).view(4, 3, 5))

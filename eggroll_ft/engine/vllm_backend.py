@@ -105,16 +105,16 @@ def _module_name(param_name: str) -> str:
 def adapter_tensors(population, member: int) -> dict[str, torch.Tensor]:
     """Member ``member``'s adapter in PEFT layout (CPU float32): per perturbed weight ``lora_A (r, n)``
     and ``lora_B (m, r)`` with ``x lora_A^T lora_B^T = sigma/sqrt(r) s_i (x B_k) A_k^T``, read from
-    the population's factor cache (this step's noise)."""
+    this step's noise (``Population.factors``, the values the engine and the update use)."""
     members = torch.tensor([member])
-    k = int(population.noise.noise_index(members)[0])
+    k = population.noise.noise_index(members)
     scale = float(population.noise.sign(members)[0]) * population.sigma / math.sqrt(population.noise.rank)
     out = {}
     for name in population.params:
-        A, B = population.factors(name)  # (K, m, r), (K, n, r)
+        A, B = population.factors(name, k)  # (1, m, r), (1, n, r)
         prefix = f"base_model.model.{_module_name(name)}"
-        out[f"{prefix}.lora_A.weight"] = B[k].T.contiguous().cpu()  # (r, n)
-        out[f"{prefix}.lora_B.weight"] = (A[k] * scale).contiguous().cpu()  # (m, r)
+        out[f"{prefix}.lora_A.weight"] = B[0].T.contiguous().cpu()  # (r, n)
+        out[f"{prefix}.lora_B.weight"] = (A[0] * scale).contiguous().cpu()  # (m, r)
     return out
 
 

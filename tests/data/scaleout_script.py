@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 
-import torch
 from datasets import Dataset
 
 from eggroll_ft import EggrollConfig, EggrollTrainer
