@@ -37,6 +37,7 @@ from eggroll_ft.recipe_utils import RecipeArguments, heldout_split, run_recipe  
 import rewards  # noqa: E402,F401  (registers the task rewards and tiny-countdown-base)
 from rewards.countdown import TEMPLATES, load_countdown, make_countdown_dataset  # noqa: E402
 
+
 @dataclass
 class CountdownArguments(RecipeArguments):
     """Countdown data and evaluation (``RecipeArguments`` holds the fields every task shares)."""

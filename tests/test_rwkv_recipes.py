@@ -17,10 +17,13 @@ from scripts.make_tiny_rwkv import ensure_tiny_rwkv  # noqa: E402
 
 # config -> (script, paper settings that must hold)
 PAPER = {
+    # learning_rate = lr_scale * sigma^2 * sqrt(N) with zscore fitness: the reference code's update (Tables 26, 28)
     "countdown_rwkv7_1.5b.yaml": ("countdown", dict(sigma=7e-4, rank=1, population_size=256, prompts_per_step=6,
-                                                    greedy=True, max_completion_length=1000, optim="sgd")),
+                                                    greedy=True, max_completion_length=1000, optim="sgd",
+                                                    fitness_shaping="zscore", learning_rate=0.125 * 7e-4 ** 2 * 256 ** 0.5)),
     "gsm8k_rwkv7_7b.yaml": ("gsm8k", dict(sigma=2e-3, rank=1, population_size=512, prompts_per_step=16, optim="sgd",
-                                          perturb_modules=None, exclude_modules=None)),
+                                          perturb_modules=None, exclude_modules=None, greedy=True,
+                                          fitness_shaping="zscore", learning_rate=5.43e-6)),
     "countdown_rwkv7_tiny_cpu.yaml": ("countdown", dict(rank=1, greedy=True, use_cpu=True)),
     "gsm8k_rwkv7_tiny_cpu.yaml": ("gsm8k", dict(rank=1, use_cpu=True)),
 }
@@ -52,10 +55,10 @@ def test_config_parses_and_keeps_the_paper_settings(name):
         got = getattr(args, key)
         got = getattr(got, "value", got)  # optim is an enum
         assert got == pytest.approx(value) if isinstance(value, float) else got == value, key
-    # the header states the mapping learning_rate = alpha * sigma, and the value obeys it
-    alpha = float(re.search(r"alpha = ([0-9.e-]+)", text).group(1))
-    assert "learning_rate = alpha * sigma" in text
-    assert args.learning_rate == pytest.approx(alpha * args.sigma, rel=1e-9)
+    # the header states the reference code's mapping (with its lr_scale), and the value obeys it
+    lr_scale = float(re.search(r"lr_scale (?:= )?([0-9.]+)", text).group(1))
+    assert "learning_rate = lr_scale * sigma^2 * sqrt(N)" in text and args.fitness_shaping == "zscore"
+    assert args.learning_rate == pytest.approx(lr_scale * args.sigma ** 2 * args.population_size ** 0.5, rel=1e-2)
     if "tiny" not in name:
         assert model_args.model_name_or_path.endswith(".pth") and model_args.dtype == "bfloat16"
 

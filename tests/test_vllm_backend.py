@@ -244,8 +244,8 @@ def test_two_step_training_with_vllm_equals_the_engine(tmp_path):
         try:
             trainer.train()
         finally:
-            if trainer.vllm_backend is not None:
-                trainer.vllm_backend.close()
+            if hasattr(trainer.generation_backend, "close"):  # the vLLM engine's adapters and memory
+                trainer.generation_backend.close()
         rewards = [log["reward"] for log in trainer.state.log_history if "reward" in log]
         return rewards, copy.deepcopy(model.state_dict())
 

@@ -49,7 +49,17 @@ class GenerationOutput:
         self.lengths = [len(c) for c in self.completion_ids]
 
 
-def _per_job(value, n: int, dtype) -> torch.Tensor:
+def check_jobs(prompt_ids: list[list[int]], max_new_tokens: int) -> int:
+    """The number of jobs of a ``generate`` call, after the checks every backend makes."""
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt must have at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    return len(prompt_ids)
+
+
+def per_job(value, n: int, dtype) -> torch.Tensor:
+    """A scalar (the same for every job) or ``(n,)`` values of a job field -> a ``(n,)`` tensor."""
     t = torch.as_tensor(value, dtype=dtype)
     return t.expand(n).clone() if t.dim() == 0 else t.flatten()
 
@@ -154,21 +164,17 @@ class PopulationEngine:
         ``members`` and ``seeds`` are scalars or ``(J,)`` sequences; members default to -1 (the
         unperturbed model), seeds to 0.
         """
-        J = len(prompt_ids)
+        J = check_jobs(prompt_ids, max_new_tokens)
         if J == 0:
             return GenerationOutput([], [])
-        if any(len(p) == 0 for p in prompt_ids):
-            raise ValueError("every prompt must have at least one token")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
         sp = sampling or SamplingParams()
         jobs = {
-            "member": _per_job(-1 if members is None else members, J, torch.long),
-            "seed": _per_job(0 if seeds is None else seeds, J, torch.long),
-            "temperature": _per_job(sp.temperature, J, torch.float32),
-            "top_k": _per_job(sp.top_k, J, torch.long),
-            "top_p": _per_job(sp.top_p, J, torch.float32),
-            "greedy": _per_job(sp.greedy, J, torch.bool),
+            "member": per_job(-1 if members is None else members, J, torch.long),
+            "seed": per_job(0 if seeds is None else seeds, J, torch.long),
+            "temperature": per_job(sp.temperature, J, torch.float32),
+            "top_k": per_job(sp.top_k, J, torch.long),
+            "top_p": per_job(sp.top_p, J, torch.float32),
+            "greedy": per_job(sp.greedy, J, torch.bool),
         }
         for name, t in jobs.items():
             if t.numel() != J:

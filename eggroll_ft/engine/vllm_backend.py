@@ -41,7 +41,7 @@ import weakref
 import torch
 from torch import nn
 
-from .engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenerationOutput, _per_job
+from .engine import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenerationOutput, check_jobs, per_job
 from .sampling import SamplingParams
 
 INSTALL_HINT = ("generation_backend='vllm' needs vLLM: on CPU machines `bash scripts/setup_vllm_env.sh` "
@@ -285,19 +285,15 @@ class VLLMPopulationBackend:
                  sampling: SamplingParams | None = None) -> GenerationOutput:
         """One completion per job; ``members`` (-1: the unperturbed model) and ``seeds`` are
         scalars or ``(J,)`` sequences, as in ``PopulationEngine.generate``."""
-        J = len(prompt_ids)
+        J = check_jobs(prompt_ids, max_new_tokens)
         if J == 0:
             return GenerationOutput([], [])
-        if any(len(p) == 0 for p in prompt_ids):
-            raise ValueError("every prompt must have at least one token")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
         longest = max(len(p) for p in prompt_ids) + max_new_tokens
         if longest > self.max_model_len:
             raise ValueError(f"a prompt of {longest - max_new_tokens} tokens plus max_new_tokens={max_new_tokens} exceeds "
                              f"vLLM's max_model_len={self.max_model_len} (raise vllm_max_model_length)")
-        member = _per_job(-1 if members is None else members, J, torch.long).tolist()
-        seed = _per_job(0 if seeds is None else seeds, J, torch.long).tolist()
+        member = per_job(-1 if members is None else members, J, torch.long).tolist()
+        seed = per_job(0 if seeds is None else seeds, J, torch.long).tolist()
         if len(member) != J or len(seed) != J:
             raise ValueError(f"{J} prompts but {len(member)} member ids and {len(seed)} seeds")
         self.write_adapters([m for m in member if m >= 0])
