@@ -206,3 +206,25 @@ def test_es_log_stats_reads_the_trainer_log(tmp_path):
     (tmp_path / "empty.txt").write_text("{'loss': '0'}\n")
     with pytest.raises(SystemExit, match="no frac_reward_zero_std"):
         es_log_stats.main([str(tmp_path / "empty.txt")])
+
+
+def test_plot_runs_draws_several_runs_and_names_a_missing_one(tmp_path):
+    """scripts/plot_runs.py: one curve per run (per method when a run holds two), a clear error otherwise."""
+    from scripts import plot_runs
+
+    for name, methods in (("a", ["eggroll"]), ("b", ["eggroll", "grpo"])):
+        (tmp_path / name).mkdir()
+        with open(tmp_path / name / "results.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=compare_grpo.COLUMNS)
+            w.writeheader()
+            for m in methods:
+                w.writerow({"method": m, "step": 0, "wall_clock_s": 0.0, "completions": 0, "eval_accuracy": 0.1})
+                w.writerow({"method": m, "step": 3, "wall_clock_s": 60.0, "completions": 96, "train_reward": 0.2,
+                            "eval_accuracy": 0.3})
+    rows = plot_runs.load_rows("b", str(tmp_path / "b"))
+    assert {r["method"] for r in rows} == {"b/eggroll", "b/grpo"} and rows[1]["eval_accuracy"] == 0.3
+    out = tmp_path / "runs.png"
+    plot_runs.main([f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}", "--output", str(out)])
+    assert out.stat().st_size > 1000
+    with pytest.raises(FileNotFoundError, match="C=.*no results.csv"):
+        plot_runs.load_rows("C", str(tmp_path / "missing"))
