@@ -64,7 +64,10 @@ class EggrollConfig(TrainingArguments):
     antithetic: bool = _help("Members 2k and 2k+1 share noise with opposite signs (mirrored sampling).", default=True)
     noise_reuse: int = _help("Reuse the same noise for this many consecutive steps.", default=1)
     full_rank: bool = _help("Classic OpenES: dense Gaussian E_i instead of low rank (for comparison; slow).", default=False)
-    fitness_shaping: str = _help(f"How rewards become fitness: one of {SHAPINGS}.", default="group_norm")
+    fitness_shaping: str = _help(f"How rewards become fitness: one of {SHAPINGS}. 'zscore' (of each member's mean "
+                                 "reward, as all three reference code bases) keeps es/step_over_sigma about "
+                                 "learning_rate / (sigma**2 * sqrt(N)); 'group_norm' (per prompt first) steps about "
+                                 "1/sqrt(prompts_per_step) as far.", default="zscore")
     prompts_per_step: int = _help("How many prompts every member answers per ES step.", default=4)
     sigma_schedule: str = _help(f"Sigma over training: one of {SIGMA_SCHEDULES}.", default="constant")
     sigma_decay: float = _help("Per-step factor of the 'exponential' sigma schedule.", default=0.999)
@@ -79,7 +82,8 @@ class EggrollConfig(TrainingArguments):
     generation_memory_gb: float | None = _help("Memory budget (GiB) of the engine's slots when max_sequences_in_flight is unset.", default=None)
     compile_decode: bool = _help("Capture the engine's decode step with torch.compile (CUDA graphs on CUDA); static slot "
                                  "shapes. For GPUs: on CPU it is slower than eager (docs/benchmarks.md).", default=False)
-    greedy: bool = _help("Greedy decoding (the paper's Countdown setting); otherwise sample.", default=False)
+    greedy: bool = _help("Greedy decoding (the paper's and Qiu et al.'s setting: members then differ by their weights "
+                         "only); False samples with temperature/top_p/top_k.", default=True)
     common_sampling_noise: bool = _help("When sampling, every member answering a prompt draws the same sampling noise (common "
                                         "random numbers), so members differ by their weights only; False: each antithetic "
                                         "pair draws its own.", default=False)

@@ -5,9 +5,10 @@
 A small random Llama (built in code, with a character tokenizer) learns to write the letter "a":
 the reward is the fraction of completion characters equal to "a", a TRL-protocol reward function.
 It is the smallest complete EggrollTrainer run: population 32 with antithetic low-rank (r = 1)
-perturbations of every linear layer but the embedding and the head, greedy decoding, per-prompt
-fitness normalisation, plain-SGD ES updates. The mean reward is printed every 4 steps and rises
-from about 0.1 to about 0.6 (tests/test_trainer.py asserts the same run improves by > 0.3).
+perturbations of every linear layer but the embedding and the head, greedy decoding, z-scored
+fitness (the defaults), plain-SGD ES updates. The mean reward is printed every 4 steps and rises
+from about 0.1-0.3 to about 0.8 (seeds 0-2: 0.79, 0.88, 0.88 at step 20; tests/test_quickstart.py
+asserts that 12 steps of it gain more than 0.2).
 """
 import argparse
 
@@ -31,7 +32,7 @@ dataset = Dataset.from_dict({"prompt": ["abc", "hgf", "dde", "bag", "cab", "fed"
 
 args = EggrollConfig(
     output_dir=cli.output_dir, max_steps=cli.steps, seed=cli.seed,
-    population_size=32, sigma=0.2, rank=1, learning_rate=0.2, prompts_per_step=2,
+    population_size=32, sigma=0.2, rank=1, learning_rate=0.14, prompts_per_step=2,
     greedy=True, max_completion_length=10, logging_steps=4, save_strategy="no",
     report_to="none", use_cpu=True,
 )

@@ -15,5 +15,5 @@ def test_quickstart_script_trains_and_reward_rises(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     rewards = [x["reward"] for x in logs if x.get("reward") is not None]
-    assert len(rewards) == 3 and rewards[-1] > rewards[0] + 0.2, rewards  # measured: 0.10 -> 0.37 -> 0.57
+    assert len(rewards) == 3 and rewards[-1] > rewards[0] + 0.2, rewards  # measured: 0.085 -> 0.20 -> 0.48 (z-scored fitness, lr 0.14)
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "config.json").exists()

@@ -241,7 +241,7 @@ def test_a_step_without_signal_is_warned_once(tmp_path):
     with pytest.warns(RuntimeWarning, match="step 0: all 4 members got the same reward on each of the 2 prompts") as rec:
         tr.train()
     (message,) = [str(w.message) for w in rec if "no signal to follow" in str(w.message)]  # once
-    assert "sigma=0.2 and temperature=1.0" in message
+    assert "sigma=0.2 and greedy decoding" in message  # the default decoding
     assert all(torch.equal(before[n], p.weight) for n, p in tr.population.params.items())
     assert [h["frac_reward_zero_std"] for h in tr.state.log_history if "frac_reward_zero_std" in h] == [1.0] * 3
 
