@@ -39,6 +39,11 @@ except Exception:  # transformers is a core dependency; keep the layer importabl
     Conv1D = ()
 
 UNPERTURBED = -1  # member id of a row that runs the mean weights
+# rank 1: up to this many rows per group (G T), ``x B`` is an elementwise product and a sum; above, a
+# batched matmul. On CPU the batched matmul's per-matrix cost dominates tiny products (a decode step
+# with every row a different member: 2.8x slower at G T = 2, 1.4x at 16; 1.7x faster at 32; see
+# docs/benchmarks.md, issue 17)
+VECDOT_MAX_ROWS = 16
 
 
 @dataclass
@@ -431,7 +436,8 @@ class Population:
 
         ``x (P, ..., n)``, ``out (P, ..., m)``, ``T`` tokens per row. The rows of a group ``(G T)``
         share the factors: ``x B`` is one batched matmul ``(U, G T, n) @ (U, n, r)`` (CPU and GPU
-        libraries run it faster than an elementwise product and a sum), the scaled result is added
+        libraries run it faster than an elementwise product and a sum, except for groups of at most
+        ``VECDOT_MAX_ROWS`` rows at rank 1: a decode step), the scaled result is added
         through ``A`` by a broadcast multiply-add when ``r = 1`` (a batched matmul with an inner
         dimension of 1 is slower than that) and a batched matmul otherwise.
         """
@@ -456,7 +462,10 @@ class Population:
             return out
         Bu, Au = noise  # (U, n, r), (U, r, m)
         r = Bu.shape[2]
-        xb = torch.bmm(x.view(U, G * T, n), Bu)  # (U, G T, r)
+        if r == 1 and G * T <= VECDOT_MAX_ROWS:  # (U, n, 1) is (U, 1, n) in memory
+            xb = torch.linalg.vecdot(x.view(U, G * T, n), Bu.view(U, 1, n)).unsqueeze(-1)  # (U, G T, 1)
+        else:
+            xb = torch.bmm(x.view(U, G * T, n), Bu)  # (U, G T, r)
         xb.view(U, G, T, r).mul_(scale[:, :, None, None])
         if r == 1:
             og.addcmul_(xb, Au)  # (U, G T, 1) * (U, 1, m)

@@ -34,6 +34,27 @@ def test_population_forward_equals_materialised_member(make, noise):
     assert _rel(plain[5], batched[5]) < 1e-6 and _rel(plain[0], batched[0]) > 1e-3
 
 
+@pytest.mark.parametrize("vecdot_max_rows", [0, 10**6], ids=["bmm", "vecdot"])
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "row-by-row"])
+def test_both_rank1_products_equal_the_materialised_member(monkeypatch, vecdot_max_rows, grouped):
+    """Rank 1 computes ``x B`` by a batched matmul or, for small groups, an elementwise product and
+    a sum (``VECDOT_MAX_ROWS``): both give each row its own member's output."""
+    import eggroll_ft.population as population
+
+    monkeypatch.setattr(population, "VECDOT_MAX_ROWS", vecdot_max_rows)
+    model = tiny_llama(50, init_std=0.2)
+    pop = Population(model, NoiseConfig(seed=4, rank=1), population_size=6, sigma=0.3)
+    pop.set_step(1)
+    members = torch.tensor([0, 0, 1, 1, 4, 4])  # runs of 2 rows per member: G = 2 (4 with the antithetic pair)
+    ids = torch.randint(4, 50, (6, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), pop.members(members, grouped=grouped):
+        batched = model(ids).logits
+    for b, m in enumerate(members.tolist()):
+        with torch.no_grad(), pop.materialized(m):
+            dense = model(ids[b:b + 1]).logits[0]
+        assert _rel(batched[b], dense) < 1e-5, (m, _rel(batched[b], dense))
+
+
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 def test_generate_with_kv_cache_matches_dense_member(make):
     model = make(50, init_std=0.3)
