@@ -20,6 +20,7 @@ was loaded, and the seconds and completions of the measured part (for a step: th
 the trainer logs, without ``train()``'s set-up). The script prints a table and
 the ratios the project's goals are stated in: EGGROLL step peak over GRPO step peak, EGGROLL step
 peak over its plain inference, and completions per second of each. Figures are from one run.
+``--allocator mmap`` makes the peaks steadier between runs (see the option's help).
 """
 from __future__ import annotations
 
@@ -126,6 +127,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--output_dir", default="runs/bench_methods")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--allocator", choices=["default", "mmap"], default="default",
+                    help="'mmap': glibc serves every block over 64 KiB by mmap and returns it on free "
+                         "(MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), so a peak counts live memory and "
+                         "varies less between runs (the default heap's peak varied by ~500 MiB); times are slower")
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.mode:
@@ -135,7 +140,10 @@ def main(argv=None):
     results = {}
     for mode in a.modes:
         cmd = [sys.executable, __file__, "--mode", mode] + (argv if argv is not None else sys.argv[1:])
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
+        env = dict(os.environ)
+        if a.allocator == "mmap":
+            env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), env=env)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             raise RuntimeError(f"{mode} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
