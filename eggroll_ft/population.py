@@ -40,9 +40,9 @@ except Exception:  # transformers is a core dependency; keep the layer importabl
 
 UNPERTURBED = -1  # member id of a row that runs the mean weights
 # rank 1: up to this many rows per group (G T), ``x B`` is an elementwise product and a sum; above, a
-# batched matmul. On CPU the batched matmul's per-matrix cost dominates tiny products (a decode step
-# with every row a different member: 2.8x slower at G T = 2, 1.4x at 16; 1.7x faster at 32; see
-# docs/benchmarks.md, issue 17)
+# batched matmul. On CPU the batched matmul's per-matrix cost dominates tiny products: it is 2.3-2.5x
+# slower at G T = 2 (a decode step, every row a different member), 1.6x at 16, 1.5x faster at 32
+# (scripts/bench_rank1_product.py; docs/benchmarks.md, issue 17)
 VECDOT_MAX_ROWS = 16
 
 

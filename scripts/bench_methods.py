@@ -130,7 +130,7 @@ def main(argv=None):
     ap.add_argument("--allocator", choices=["default", "mmap"], default="default",
                     help="'mmap': glibc serves every block over 64 KiB by mmap and returns it on free "
                          "(MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), so a peak counts live memory and "
-                         "varies less between runs (the default heap's peak varied by ~500 MiB); times are slower")
+                         "varies less between runs (the default heap's peaks varied by ~190 MiB and sat 390-590 MiB above); times are slower")
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.mode:
@@ -138,11 +138,11 @@ def main(argv=None):
         return None
     os.makedirs(a.output_dir, exist_ok=True)
     results = {}
+    env = dict(os.environ)
+    if a.allocator == "mmap":
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     for mode in a.modes:
         cmd = [sys.executable, __file__, "--mode", mode] + (argv if argv is not None else sys.argv[1:])
-        env = dict(os.environ)
-        if a.allocator == "mmap":
-            env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), env=env)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:

@@ -1,5 +1,6 @@
 """scripts/compare_grpo.py: end to end on a tiny random model, the budget pieces, the shipped configs."""
 import csv
+import json
 import math
 import os
 import subprocess
@@ -228,3 +229,22 @@ def test_plot_runs_draws_several_runs_and_names_a_missing_one(tmp_path):
     assert out.stat().st_size > 1000
     with pytest.raises(FileNotFoundError, match="C=.*no results.csv"):
         plot_runs.load_rows("C", str(tmp_path / "missing"))
+
+
+def test_plot_runs_pairs_each_run_against_a_reference(tmp_path, capsys):
+    """``--against``: the exact McNemar test of each run's last per-problem answers against one run's."""
+    from scripts import plot_runs
+
+    answers = {"ref": [1, 1, 0, 0, 0, 0], "x": [1, 0, 1, 1, 1, 0], "short": [1, 0]}
+    for name, final in answers.items():
+        (tmp_path / name / "runs" / "eggroll").mkdir(parents=True)
+        rows = [{"step": 0, "eval_per_problem": [0] * len(final)}, {"step": 5, "eval_per_problem": final}]
+        (tmp_path / name / "runs" / "eggroll" / "rows.json").write_text(json.dumps({"rows": rows}))
+    out = plot_runs.against("ref", {"ref": str(tmp_path / "ref"), "x": str(tmp_path / "x")})
+    assert (out["x"]["gained"], out["x"]["lost"]) == (3, 1) and out["x"]["p_value"] == pytest.approx(0.625)
+    plot_runs.main(["--against", "ref", f"ref={tmp_path / 'ref'}", f"x={tmp_path / 'x'}"])
+    assert "| x | 3 | 1 | 0.62 |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="short: 2 problems scored, ref: 6"):
+        plot_runs.against("ref", {"ref": str(tmp_path / "ref"), "short": str(tmp_path / "short")})
+    with pytest.raises(ValueError, match="--against nope: not among the runs"):
+        plot_runs.against("nope", {"ref": str(tmp_path / "ref")})

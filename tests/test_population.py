@@ -45,8 +45,9 @@ def test_both_rank1_products_equal_the_materialised_member(monkeypatch, vecdot_m
     model = tiny_llama(50, init_std=0.2)
     pop = Population(model, NoiseConfig(seed=4, rank=1), population_size=6, sigma=0.3)
     pop.set_step(1)
-    members = torch.tensor([0, 0, 1, 1, 4, 4])  # runs of 2 rows per member: G = 2 (4 with the antithetic pair)
-    ids = torch.randint(4, 50, (6, 9), generator=torch.Generator().manual_seed(2))
+    members = torch.tensor([0, 0, 2, 2, 4, 4])  # noise indices 0 0 1 1 2 2: groups of G = 2 rows when grouped
+    assert population._run_length(pop.noise.noise_index(members)) == 2
+    ids = torch.randint(4, 50, (6, 9), generator=torch.Generator().manual_seed(2))  # G T = 18 or 9 rows
     with torch.no_grad(), pop.members(members, grouped=grouped):
         batched = model(ids).logits
     for b, m in enumerate(members.tolist()):
