@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import lowrank_cpu as _cpu
 from . import noise_kernel as _kernel
 from .noise import MAX_FLOATS_PER_CALL, NoiseConfig
 
@@ -148,12 +149,20 @@ class _Block:
     takeover: tuple | None = None  # (released block of the same layout, its groups already in place)
 
     def reentered_by(self, member_ids, grouped: bool) -> bool:
-        return (member_ids is self.given and torch.is_tensor(member_ids) and member_ids._version == self.version
+        return (member_ids is self.given and self.version is not None and member_ids._version == self.version
                 and grouped == self.grouped)
 
     def changed_in_place(self) -> bool:
         """The tensor this block ran was modified since (the engine refilled slots): it runs next."""
-        return torch.is_tensor(self.given) and self.given._version != self.version
+        return self.version is not None and self.given._version != self.version
+
+
+def _version(member_ids) -> int | None:
+    """The in-place version counter of a member-id tensor; None for a list, or for a tensor made
+    under ``torch.inference_mode`` (which keeps none: each ``members`` call with it is a new block)."""
+    if not torch.is_tensor(member_ids) or member_ids.is_inference():
+        return None
+    return member_ids._version
 
 
 class Population:
@@ -173,17 +182,23 @@ class Population:
     def __init__(self, model: nn.Module, noise: NoiseConfig, population_size: int, sigma: float,
                  perturb_modules=None, exclude_modules=None, noise_kernel: str = "auto"):
         """``noise_kernel``: how a forward adds the low-rank term. ``"torch"``: from the block's
-        factors (generated once per block, see above); ``"triton"``: ``noise_kernel.lowrank_add_``,
-        the noise made inside the kernel, nothing held (CUDA, or CPU under ``TRITON_INTERPRET=1``);
-        ``"auto"``: Triton on CUDA when it is installed, else torch. Full rank always uses torch."""
+        factors (generated once per block, see above) with torch operations; ``"cpu"``: from the
+        same factors with one fused C++ operation per layer (``lowrank_cpu``: float32 CPU tensors at
+        rank 1, built at first use; torch operations elsewhere); ``"triton"``:
+        ``noise_kernel.lowrank_add_``, the noise made inside the kernel, nothing held (CUDA, or CPU
+        under ``TRITON_INTERPRET=1``); ``"auto"``: Triton on CUDA when it is installed, the fused
+        CPU operation where it applies and could be built, else torch. Full rank always uses torch."""
         if noise.antithetic and population_size % 2:
             raise ValueError(f"population_size={population_size} must be even when antithetic=True")
         if population_size < 1:
             raise ValueError(f"population_size={population_size} must be >= 1")
-        if noise_kernel not in ("auto", "torch", "triton"):
-            raise ValueError(f"noise_kernel={noise_kernel!r} must be 'auto', 'torch' or 'triton'")
+        if noise_kernel not in ("auto", "torch", "cpu", "triton"):
+            raise ValueError(f"noise_kernel={noise_kernel!r} must be 'auto', 'torch', 'cpu' or 'triton'")
         if noise_kernel == "triton" and not _kernel.available():
             raise ValueError("noise_kernel='triton' needs triton: pip install 'eggroll-ft[triton]'")
+        if noise_kernel == "cpu" and not _cpu.available():
+            raise ValueError(f"noise_kernel='cpu': the fused CPU operation could not be built ({_cpu.build_error()}); "
+                             "it needs a C++ compiler and ninja (pip install ninja), or use noise_kernel='torch'")
         self.noise_kernel = noise_kernel
         self._keys: dict[str, int] = {}  # this noise epoch's stream key of each weight (the kernel's seed)
         self.model = model
@@ -261,7 +276,7 @@ class Population:
             raise ValueError(f"member ids must lie in [-1, {self.population_size}), got "
                              f"[{int(ids.min())}, {int(ids.max())}]")
         idle = ids.numel() > 0 and bool((ids == UNPERTURBED).all())
-        block = _Block(ids, member_ids, member_ids._version if torch.is_tensor(member_ids) else None, grouped, idle)
+        block = _Block(ids, member_ids, _version(member_ids), grouped, idle)
         if block.idle:
             return block
         safe = ids.clamp(min=0)
@@ -435,9 +450,11 @@ class Population:
         row, in place when autograd is off (else on a copy); returns ``out``.
 
         ``x (P, ..., n)``, ``out (P, ..., m)``, ``T`` tokens per row. The rows of a group ``(G T)``
-        share the factors: ``x B`` is one batched matmul ``(U, G T, n) @ (U, n, r)`` (CPU and GPU
-        libraries run it faster than an elementwise product and a sum, except for groups of at most
-        ``VECDOT_MAX_ROWS`` rows at rank 1: a decode step), the scaled result is added
+        share the factors. At rank 1 on CPU in float32 the fused operation of ``lowrank_cpu`` adds
+        the term in one pass per row (see ``_cpu_op``). Otherwise ``x B`` is one batched matmul
+        ``(U, G T, n) @ (U, n, r)`` (CPU and GPU libraries run it faster than an elementwise product
+        and a sum, except for groups of at most ``VECDOT_MAX_ROWS`` rows at rank 1: a decode step),
+        the scaled result is added
         through ``A`` by a broadcast multiply-add when ``r = 1`` (a batched matmul with an inner
         dimension of 1 is slower than that) and a batched matmul otherwise.
         """
@@ -462,6 +479,9 @@ class Population:
             return out
         Bu, Au = noise  # (U, n, r), (U, r, m)
         r = Bu.shape[2]
+        if r == 1 and self._cpu_op(x, out):  # (U, n, 1) and (U, 1, m) are (U, n) and (U, m) in memory
+            _cpu.lowrank1_add_(og, x.view(U, G * T, n), Bu.view(U, n), Au.view(U, m), scale, T, check=False)
+            return out
         if r == 1 and G * T <= VECDOT_MAX_ROWS:  # (U, n, 1) is (U, 1, n) in memory
             xb = torch.linalg.vecdot(x.view(U, G * T, n), Bu.view(U, 1, n)).unsqueeze(-1)  # (U, G T, 1)
         else:
@@ -482,6 +502,16 @@ class Population:
         if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
             return False
         return self.noise_kernel == "triton" or (x.is_cuda and _kernel.available())
+
+    def _cpu_op(self, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """Whether this forward adds the rank-1 term with ``lowrank_cpu``'s fused operation (see
+        ``__init__``): float32 CPU tensors, not inside a compiled graph, not where autograd must see
+        the term; with ``"auto"`` only once the operation was built (at the first such forward)."""
+        if self.noise_kernel not in ("auto", "cpu") or x.device.type != "cpu" or x.dtype != torch.float32:
+            return False
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or out.requires_grad)):
+            return False
+        return _cpu.available()
 
     def _make_hook(self, p: PerturbedParam):
         def hook(module, args, output):

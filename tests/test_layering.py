@@ -13,7 +13,7 @@ PKG = ROOT / "eggroll_ft"
 
 LAYERS = {
     "config": 0, "testing": 0, "callbacks": 0, "compare": 0,
-    "noise": 1, "shaping": 1, "noise_kernel": 1,
+    "noise": 1, "shaping": 1, "noise_kernel": 1, "lowrank_cpu": 1,
     "population": 2,
     "models": 3,
     "engine": 4, "es_update": 4, "distributed": 4, "reward_funcs": 4, "bytes_data": 4,

@@ -34,22 +34,30 @@ def test_population_forward_equals_materialised_member(make, noise):
     assert _rel(plain[5], batched[5]) < 1e-6 and _rel(plain[0], batched[0]) > 1e-3
 
 
-@pytest.mark.parametrize("vecdot_max_rows", [0, 10**6], ids=["bmm", "vecdot"])
+@pytest.mark.parametrize("path", ["bmm", "vecdot", "cpu"])
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "row-by-row"])
-def test_both_rank1_products_equal_the_materialised_member(monkeypatch, vecdot_max_rows, grouped):
-    """Rank 1 computes ``x B`` by a batched matmul or, for small groups, an elementwise product and
-    a sum (``VECDOT_MAX_ROWS``): both give each row its own member's output."""
+def test_each_rank1_path_equals_the_materialised_member(monkeypatch, path, grouped):
+    """Rank 1 adds the term by a batched matmul or, for small groups, an elementwise product and a
+    sum (``VECDOT_MAX_ROWS``), or by the fused CPU operation (``lowrank_cpu``): each gives each row
+    its own member's output."""
     import eggroll_ft.population as population
+    from eggroll_ft import lowrank_cpu
 
-    monkeypatch.setattr(population, "VECDOT_MAX_ROWS", vecdot_max_rows)
+    if path == "cpu" and not lowrank_cpu.available():
+        pytest.skip(f"the fused CPU operation could not be built here: {lowrank_cpu.build_error()}")
+    monkeypatch.setattr(population, "VECDOT_MAX_ROWS", 10**6 if path == "vecdot" else 0)
+    calls, real = [], lowrank_cpu.lowrank1_add_
+    monkeypatch.setattr(lowrank_cpu, "lowrank1_add_", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = tiny_llama(50, init_std=0.2)
-    pop = Population(model, NoiseConfig(seed=4, rank=1), population_size=6, sigma=0.3)
+    pop = Population(model, NoiseConfig(seed=4, rank=1), population_size=6, sigma=0.3,
+                     noise_kernel="cpu" if path == "cpu" else "torch")
     pop.set_step(1)
     members = torch.tensor([0, 0, 2, 2, 4, 4])  # noise indices 0 0 1 1 2 2: groups of G = 2 rows when grouped
     assert population._run_length(pop.noise.noise_index(members)) == 2
     ids = torch.randint(4, 50, (6, 9), generator=torch.Generator().manual_seed(2))  # G T = 18 or 9 rows
     with torch.no_grad(), pop.members(members, grouped=grouped):
         batched = model(ids).logits
+    assert len(calls) == (len(pop.params) if path == "cpu" else 0)
     for b, m in enumerate(members.tolist()):
         with torch.no_grad(), pop.materialized(m):
             dense = model(ids[b:b + 1]).logits[0]
@@ -197,3 +205,19 @@ def test_a_block_taking_over_its_predecessor_moves_and_refills_groups():
         Bu, Au, scale = pop._row_factors(name, torch.float32)
     A, B = pop.noise.low_rank_factors(0, name, (m, n), torch.tensor([3, 1, 6, 0]))
     assert torch.equal(Bu, B) and torch.equal(Au, A.transpose(1, 2))
+
+
+def test_member_ids_made_under_inference_mode():
+    """A member-id tensor made under ``torch.inference_mode`` keeps no version counter: each block
+    it enters is a new one, with the same outputs as an ordinary tensor's."""
+    model = tiny_llama(50, init_std=0.2)
+    pop = Population(model, NoiseConfig(seed=4, rank=1), population_size=6, sigma=0.3)
+    ids = torch.randint(4, 50, (6, 4), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        with pop.members(MEMBERS):
+            want = model(ids).logits
+        members = torch.tensor(MEMBERS.tolist())
+        assert members.is_inference()
+        for _ in range(2):  # entered twice with the same tensor
+            with pop.members(members):
+                assert torch.equal(model(ids).logits, want)
