@@ -278,10 +278,13 @@ class EggrollTrainer(Trainer):
         step = self.state.global_step
         self.population.set_step(step, self.args.sigma_at(step))
         batch = self._generate_and_score_completions(inputs)
+        t1 = time.perf_counter()
         fitness = self._shape_fitness(batch["rewards"])  # (N,)
         update_norm = self._es_update(fitness)
+        t2 = time.perf_counter()
         self.state.num_input_tokens_seen += int(sum(batch["prompt_lengths"]) + sum(batch["completion_lengths"]))
         metrics = self._step_metrics(batch, fitness, update_norm, time.perf_counter() - t0)
+        metrics.update({"es/rollout_time": t1 - t0, "es/update_time": t2 - t1})
         if metrics["frac_reward_zero_std"] == 1.0:
             self._warn_no_signal(step, num_prompts=batch["rewards"].shape[0])
         for key, value in metrics.items():

@@ -201,6 +201,8 @@ def test_reward_protocol_columns_async_none_and_weights(tmp_path):
     for key in ("reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
                 "num_tokens", "step_time", "es/sigma", "es/update_norm", "rewards/column_reward/std"):
         assert key in log, key
+    assert 0 < log["es/rollout_time"] and 0 < log["es/update_time"]
+    assert log["es/rollout_time"] + log["es/update_time"] <= log["step_time"]
 
 
 def test_conversational_prompts_log_completions_and_trl_accuracy_reward(tmp_path):
