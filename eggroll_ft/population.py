@@ -454,9 +454,9 @@ class Population:
         the term in one pass per row (see ``_cpu_op``). Otherwise ``x B`` is one batched matmul
         ``(U, G T, n) @ (U, n, r)`` (CPU and GPU libraries run it faster than an elementwise product
         and a sum, except for groups of at most ``VECDOT_MAX_ROWS`` rows at rank 1: a decode step),
-        the scaled result is added
-        through ``A`` by a broadcast multiply-add when ``r = 1`` (a batched matmul with an inner
-        dimension of 1 is slower than that) and a batched matmul otherwise.
+        the scaled result is added through ``A`` by a broadcast multiply-add when ``r = 1`` (a
+        batched matmul with an inner dimension of 1 is slower than that) and a batched matmul
+        otherwise.
         """
         if torch.is_grad_enabled() or not out.is_contiguous():
             out = out.contiguous().clone()
