@@ -93,3 +93,20 @@ def test_without_the_operation_auto_falls_back_and_cpu_says_why(monkeypatch):
     with pytest.raises(ValueError, match=r"noise_kernel='cpu': the fused CPU operation could not be built "
                                          r"\(RuntimeError: no compiler\)"):
         Population(model, NoiseConfig(seed=1), 4, 0.2, noise_kernel="cpu")
+
+
+def test_bench_hook_script_runs_on_a_saved_model(tmp_path):
+    """``scripts/bench_hook.py`` end to end on a tiny checkpoint: both layouts, both paths."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    import bench_hook
+
+    tiny_llama(40).save_pretrained(tmp_path)
+    res = bench_hook.main(["--model", str(tmp_path), "--rows", "8", "--prompts-per-member", "1", "2",
+                           "--reps", "2", "--threads", "1"])
+    assert set(res) == {"prompts_per_member=1", "prompts_per_member=2"}
+    assert all(r["plain_over_torch"] > 0 and r["plain_over_cpu"] > 0 for r in res.values())
+    with pytest.raises(SystemExit, match="even number of members"):
+        bench_hook.main(["--model", str(tmp_path), "--rows", "6", "--prompts-per-member", "2"])
