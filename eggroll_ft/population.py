@@ -451,7 +451,7 @@ class Population:
 
         ``x (P, ..., n)``, ``out (P, ..., m)``, ``T`` tokens per row. The rows of a group ``(G T)``
         share the factors. At rank 1 on CPU in float32 the fused operation of ``lowrank_cpu`` adds
-        the term in one pass per row (see ``_cpu_op``). Otherwise ``x B`` is one batched matmul
+        the term in one pass per row (see ``_path``). Otherwise ``x B`` is one batched matmul
         ``(U, G T, n) @ (U, n, r)`` (CPU and GPU libraries run it faster than an elementwise product
         and a sum, except for groups of at most ``VECDOT_MAX_ROWS`` rows at rank 1: a decode step),
         the scaled result is added through ``A`` by a broadcast multiply-add when ``r = 1`` (a
@@ -461,7 +461,8 @@ class Population:
         if torch.is_grad_enabled() or not out.is_contiguous():
             out = out.contiguous().clone()
         x = x.contiguous()
-        if self._fused(x, out):
+        path = self._path(x, out)
+        if path == "triton":
             block = self._active
             if name not in self._keys:
                 self._keys[name] = self.noise.key(self.step, name)
@@ -479,7 +480,7 @@ class Population:
             return out
         Bu, Au = noise  # (U, n, r), (U, r, m)
         r = Bu.shape[2]
-        if r == 1 and self._cpu_op(x, out):  # (U, n, 1) and (U, 1, m) are (U, n) and (U, m) in memory
+        if path == "cpu":  # rank 1: (U, n, 1) and (U, 1, m) are (U, n) and (U, m) in memory
             _cpu.lowrank1_add_(og, x.view(U, G * T, n), Bu.view(U, n), Au.view(U, m), scale, T, check=False)
             return out
         if r == 1 and G * T <= VECDOT_MAX_ROWS:  # (U, n, 1) is (U, 1, n) in memory
@@ -493,25 +494,21 @@ class Population:
             og.baddbmm_(xb, Au)
         return out
 
-    def _fused(self, x: torch.Tensor, out: torch.Tensor) -> bool:
-        """Whether this forward adds the low-rank term through the Triton kernel (see ``__init__``):
-        not at full rank, not inside a compiled graph (it reads the block's factors, built before
-        the step by ``gather_rows``), not where autograd must see the term."""
+    def _path(self, x: torch.Tensor, out: torch.Tensor) -> str:
+        """How this forward adds the low-rank term (see ``__init__``): ``"triton"`` (the kernel that
+        makes its noise), ``"cpu"`` (``lowrank_cpu``'s fused operation: rank 1, float32 CPU tensors;
+        with ``"auto"`` only where it could be built) or ``"torch"``. Torch at full rank, inside a
+        compiled graph (it reads the block's factors, built before the step by ``gather_rows``) and
+        where autograd must see the term."""
         if self.noise_kernel == "torch" or self.noise.full_rank or torch.compiler.is_compiling():
-            return False
+            return "torch"
         if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
-            return False
-        return self.noise_kernel == "triton" or (x.is_cuda and _kernel.available())
-
-    def _cpu_op(self, x: torch.Tensor, out: torch.Tensor) -> bool:
-        """Whether this forward adds the rank-1 term with ``lowrank_cpu``'s fused operation (see
-        ``__init__``): float32 CPU tensors, not inside a compiled graph, not where autograd must see
-        the term; with ``"auto"`` only once the operation was built (at the first such forward)."""
-        if self.noise_kernel not in ("auto", "cpu") or x.device.type != "cpu" or x.dtype != torch.float32:
-            return False
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or out.requires_grad)):
-            return False
-        return _cpu.available()
+            return "torch"
+        if self.noise_kernel == "triton" or (self.noise_kernel == "auto" and x.is_cuda and _kernel.available()):
+            return "triton"
+        if self.noise.rank == 1 and x.device.type == "cpu" and x.dtype == torch.float32 and _cpu.available():
+            return "cpu"
+        return "torch"
 
     def _make_hook(self, p: PerturbedParam):
         def hook(module, args, output):

@@ -68,8 +68,8 @@ def main(argv=None):
                 times[name].append(time.perf_counter() - t0)
         med = {name: statistics.median(v) for name, v in times.items()}
         results[f"prompts_per_member={q}"] = {
-            "plain_ms": round(med["plain"] * 1e3, 1),
-            **{f"{p}_ms": round(med[p] * 1e3, 1) for p in pops},
+            "plain_ms": round(med["plain"] * 1e3, 3),
+            **{f"{p}_ms": round(med[p] * 1e3, 3) for p in pops},
             **{f"plain_over_{p}": round(med["plain"] / med[p], 3) for p in pops}}
         print(json.dumps({f"prompts_per_member={q}": results[f"prompts_per_member={q}"]}), flush=True)
         for pop in pops.values():

@@ -20,7 +20,7 @@ was loaded, and the seconds and completions of the measured part (for a step: th
 the trainer logs, without ``train()``'s set-up; EGGROLL's also split into its rollout and update).
 Before anything is timed every child writes each weight in place once (adds zero): the checkpoint is
 memory-mapped, and the first in-place write of its pages is a copy-on-write page fault per page
-(about 1.5 s for SmolLM2-135M here), paid once per run by whichever step writes first, EGGROLL's
+(about 1.6 s for SmolLM2-135M here: an update of 1.9 s against 0.3 s, docs/benchmarks.md), paid once per run by whichever step writes first, EGGROLL's
 update or GRPO's optimizer, so a one-step measurement would count it as that step's cost
 (``--no-private-weights`` keeps it in). The script prints a table and
 the ratios the project's goals are stated in: EGGROLL step peak over GRPO step peak, EGGROLL step

@@ -4,9 +4,10 @@
 
 For ``U`` groups of ``G T`` rows sharing a noise index, ``x (U, G T, n)`` and ``B (U, n, 1)``:
 the batched matmul (``torch.bmm``) against an elementwise product and a sum
-(``torch.linalg.vecdot``). ``Population`` takes the second for groups of at most
+(``torch.linalg.vecdot``). ``Population``'s torch path takes the second for groups of at most
 ``population.VECDOT_MAX_ROWS`` rows (decode steps) and the first otherwise (prefills); this is the
-measurement behind that threshold. Microseconds per call, median of ``--reps`` timings of
+measurement behind that threshold. (On CPU in float32 at rank 1 the default path is now
+``lowrank_cpu``'s fused operation, which does neither: ``scripts/bench_hook.py`` compares the two.) Microseconds per call, median of ``--reps`` timings of
 ``--calls`` calls each, the same tensors every call (in cache: the hooks' factors come from memory).
 """
 from __future__ import annotations

@@ -107,6 +107,9 @@ def test_bench_hook_script_runs_on_a_saved_model(tmp_path):
     res = bench_hook.main(["--model", str(tmp_path), "--rows", "8", "--prompts-per-member", "1", "2",
                            "--reps", "2", "--threads", "1"])
     assert set(res) == {"prompts_per_member=1", "prompts_per_member=2"}
-    assert all(r["plain_over_torch"] > 0 and r["plain_over_cpu"] > 0 for r in res.values())
+    for r in res.values():  # each ratio is the plain time over that path's, as printed
+        for path in ("torch", "cpu"):
+            assert r[f"{path}_ms"] > 0
+            assert r[f"plain_over_{path}"] == pytest.approx(r["plain_ms"] / r[f"{path}_ms"], rel=5e-3)
     with pytest.raises(SystemExit, match="even number of members"):
         bench_hook.main(["--model", str(tmp_path), "--rows", "6", "--prompts-per-member", "2"])

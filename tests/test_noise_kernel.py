@@ -76,8 +76,8 @@ def test_auto_picks_the_kernel_on_cuda_only():
     model = tiny_llama(40).to(device)
     pop = Population(model, NoiseConfig(seed=1), 4, 0.1)
     x = torch.zeros(2, 3, 32, device=device)
-    assert pop.noise_kernel == "auto" and pop._fused(x, x) == (device.type == "cuda")
-    assert not Population(model, NoiseConfig(seed=1, full_rank=True), 4, 0.1)._fused(x, x)
-    assert not Population(model, NoiseConfig(seed=1), 4, 0.1, noise_kernel="torch")._fused(x, x)
+    assert pop.noise_kernel == "auto" and (pop._path(x, x) == "triton") == (device.type == "cuda")
+    assert Population(model, NoiseConfig(seed=1, full_rank=True), 4, 0.1)._path(x, x) == "torch"
+    assert Population(model, NoiseConfig(seed=1), 4, 0.1, noise_kernel="torch")._path(x, x) == "torch"
     with pytest.raises(ValueError, match="noise_kernel='cuda' must be"):
         Population(model, NoiseConfig(seed=1), 4, 0.1, noise_kernel="cuda")
